@@ -1,0 +1,68 @@
+"""What every agent shares: the interface the pretraining runner drives, and the default loop."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from envs.core import PretrainCore, StepResult
+
+if TYPE_CHECKING:
+    from agents.runner import PretrainRunner
+
+
+@dataclass
+class Action:
+    """How the environment should perturb the current batch: a mask grid, a function, or neither."""
+
+    grid: torch.Tensor | None = None
+    """Noise-mask grid (B, G, G) with values in [0, 1]."""
+    perturb: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """Applied to the normalised (and masked) batch."""
+
+
+class Agent:
+    """An agent chooses each step's noise mask and, if it learns, updates itself from the rewards.
+
+    Subclasses override :meth:`act` and, when they learn, :meth:`observe`, :meth:`state_dict`
+    and :meth:`load_state_dict`. Agents with their own training loop (stable-baselines3's) override
+    :meth:`learn`.
+    """
+
+    name = "agent"
+    learns = False
+
+    def bind(self, core: PretrainCore, total_steps: int) -> None:
+        """Build what depends on the environment (networks, optimisers, schedules)."""
+        self.core = core
+        self.total_steps = total_steps
+
+    def act(self, images: torch.Tensor) -> Action:
+        raise NotImplementedError
+
+    def observe(self, result: StepResult) -> dict[str, float]:
+        """Learn from one step's result; return scalars to log (``name -> value``)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def save_extra(self, run_dir) -> None:
+        """Write agent-specific files into the run folder at the end (none by default)."""
+
+    def learn(self, runner: PretrainRunner) -> None:
+        """Drive the environment until the runner says stop: act, step, observe, report."""
+        core = self.core
+        while not runner.done():
+            if core.exhausted:
+                core.reset()
+            action = self.act(core.images)
+            result = core.step(grid=action.grid, perturb=action.perturb)
+            scalars = self.observe(result)
+            runner.after_step(result, scalars, action.grid)

@@ -1,0 +1,117 @@
+"""The Beta noise-mask policy: a light network giving two Beta concentrations per grid cell.
+
+The network looks at a downsampled copy of the batch (at most ``input_size`` px): three strided
+convolutions, an adaptive pool to the G x G grid and a 1x1 head, so each cell's concentrations
+come from the image content around it. It has a few thousand parameters, against about 10 M
+for the reference code's ResNet-10t trunk with two 4096-way heads.
+
+Parameterisations (``param``):
+
+- ``exp`` (the paper's): ``alpha = exp(a)``, ``a = 0.9 * base_a + 0.1 * head_a(x)`` where
+  ``base_a`` is a per-cell exponential moving average (0.99) of the batch-mean head output,
+  initialised U(0, 1); the same for ``beta``.
+- ``softplus``: ``alpha = softplus(head_a(x)) + 1`` (unimodal Betas), likewise ``beta``.
+
+Concentrations are clamped to ``[CONC_MIN, CONC_MAX]`` and mask samples to
+``[SAMPLE_EPS, 1 - SAMPLE_EPS]``, so sampling, log-probabilities and entropies stay finite
+whatever the head outputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributions import Beta
+
+from classifiers.train import Normalizer
+
+CONC_MIN = 0.05
+CONC_MAX = 100.0
+SAMPLE_EPS = 1e-5
+PARAMS = ("exp", "softplus")
+
+
+class BetaMaskPolicy(nn.Module):
+    """Map uint8 images (B, C, H, W) to Beta concentrations (B, G, G) x 2.
+
+    Args:
+        in_channels: image channels.
+        grid: side G of the mask grid.
+        param: ``exp`` (the paper's, with moving-average base) or ``softplus``.
+        width: channels of the convolutional trunk.
+        input_size: the image is resized to at most this side before the trunk.
+        base_momentum: weight of the old base in the moving average (the paper: 0.99).
+        head_weight: weight of the head output in ``a`` (the paper: 0.1).
+    """
+
+    def __init__(self, in_channels: int, grid: int, param: str = "exp", width: int = 16, input_size: int = 64,
+                 base_momentum: float = 0.99, head_weight: float = 0.1) -> None:
+        super().__init__()
+        if param not in PARAMS:
+            raise ValueError(f"unknown policy parameterisation {param!r}; use one of {', '.join(PARAMS)}")
+        self.grid, self.param, self.input_size = grid, param, input_size
+        self.base_momentum, self.head_weight = base_momentum, head_weight
+        self.normalizer = Normalizer()
+        self.trunk = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, 2, 1), nn.ReLU(inplace=True),
+            nn.Conv2d(width, width * 2, 3, 2, 1), nn.ReLU(inplace=True),
+            nn.Conv2d(width * 2, width * 2, 3, 1, 1), nn.ReLU(inplace=True),
+        )
+        self.head = nn.Conv2d(width * 2, 2, 1)
+        self.register_buffer("base", torch.rand(2, grid, grid))
+
+    def head_output(self, images: torch.Tensor) -> torch.Tensor:
+        """The raw head output (B, 2, G, G) for a uint8 batch."""
+        x = self.normalizer(images)
+        if x.shape[-1] > self.input_size:
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", antialias=True,
+                              align_corners=False)
+        feats = F.adaptive_avg_pool2d(self.trunk(x), self.grid)
+        return self.head(feats).float()
+
+    def forward(self, images: torch.Tensor, update_base: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Beta concentrations ``(alpha, beta)``, each (B, G, G), clamped to ``[CONC_MIN, CONC_MAX]``.
+
+        With ``update_base`` (training), the ``exp`` parameterisation's moving-average base takes one
+        step toward the batch-mean head output; under torch.distributed the batch mean is over all ranks,
+        so the base stays identical everywhere.
+        """
+        h = self.head_output(images)
+        if self.param == "softplus":
+            conc = F.softplus(h) + 1.0
+        else:
+            if update_base:
+                self._update_base(h.detach().mean(0))
+            a = (1.0 - self.head_weight) * self.base + self.head_weight * h
+            conc = torch.exp(a.clamp(math.log(CONC_MIN), math.log(CONC_MAX)))
+        conc = conc.clamp(CONC_MIN, CONC_MAX)
+        return conc[:, 0], conc[:, 1]
+
+    @torch.no_grad()
+    def _update_base(self, batch_mean: torch.Tensor) -> None:
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(batch_mean, op=dist.ReduceOp.SUM)
+            batch_mean /= dist.get_world_size()
+        self.base.mul_(self.base_momentum).add_((1.0 - self.base_momentum) * batch_mean)
+
+
+
+def beta_distribution(policy: nn.Module, images: torch.Tensor, update_base: bool = False) -> Beta:
+    """The per-cell Beta distribution (batch shape (B, G, G)) of ``policy`` (plain or DDP-wrapped)."""
+    alpha, beta = policy(images, update_base)
+    return Beta(alpha, beta)
+
+
+def sample_mask(dist_: Beta) -> torch.Tensor:
+    """Sample a mask grid, kept inside ``[SAMPLE_EPS, 1 - SAMPLE_EPS]`` so its log-probability is finite."""
+    with torch.no_grad():
+        return dist_.sample().clamp(SAMPLE_EPS, 1.0 - SAMPLE_EPS)
+
+
+def mask_log_prob(dist_: Beta, grid: torch.Tensor) -> torch.Tensor:
+    """Per-cell log-probabilities (B, G, G) of a sampled grid."""
+    return dist_.log_prob(grid.clamp(SAMPLE_EPS, 1.0 - SAMPLE_EPS))

@@ -1,0 +1,187 @@
+"""Our REINFORCE agent: a Beta noise-mask policy trained with the score-function estimator.
+
+Per step:
+
+1. the policy gives per-cell Beta concentrations for the batch and a mask grid is sampled;
+2. the environment applies it and takes one classifier step; each image gets its own reward;
+3. the policy minimises ``-mean_i[(r_i - b) * log p(m_i)] - c_H * mean_i[H_i]`` where
+   ``log p(m_i)`` is the *joint* log-probability of image i's mask (the sum over cells), ``b``
+   a moving-average baseline of the batch-mean reward, and ``H_i`` the mask's entropy.
+
+``objective="official"`` replaces step 3 by the reference code's objective,
+``mean_i[log(sum_cells(exp(log p_cell)))] * mean_i[CE_i]``, for comparison: it uses a log-sum-exp
+of per-cell densities instead of the joint log-probability, one batch-mean signal for all
+images and no baseline. (The reference code also multiplies the classifier's loss by this
+product; we do not, so the classifier trains the same way under both objectives.)
+
+Under torch.distributed the baseline, the advantage normalisation and the official objective's
+batch mean use all-reduced statistics, and DDP averages the policy's gradients, so N processes of
+batch B take the same policy step as one process of batch N*B.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from agents.base import Action, Agent
+from agents.policy import PARAMS, BetaMaskPolicy, beta_distribution, mask_log_prob, sample_mask
+from classifiers.distributed import all_mean, is_distributed
+from classifiers.train import check_finite
+from envs.core import PretrainCore, StepResult
+
+OBJECTIVES = ("reinforce", "official")
+
+
+@dataclass
+class ReinforceConfig:
+    """REINFORCE hyperparameters."""
+
+    objective: str = "reinforce"
+    """``reinforce`` (per-image reward, joint log-probability, baseline) or ``official`` (the reference code's)."""
+    param: str = "exp"
+    """Beta parameterisation: ``exp`` (the paper's, with moving-average base) or ``softplus``."""
+    policy_lr: float | None = None
+    """Policy SGD learning rate (None: the classifier's lr / 10)."""
+    momentum: float = 0.9
+    """Policy SGD momentum."""
+    baseline_momentum: float = 0.9
+    """Weight of the old value in the moving-average reward baseline."""
+    normalize_advantage: bool = False
+    """Divide advantages by their standard deviation over the (global) batch."""
+    entropy_coef: float = 0.0
+    """Weight of the entropy bonus."""
+    max_grad_norm: float = 1.0
+    """Clip the policy gradient's global norm to this (0 disables)."""
+    policy_width: int = 16
+    """Channels of the policy's convolutional trunk."""
+    policy_input_size: int = 64
+    """The policy sees the image resized to at most this side."""
+
+    def validate(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {self.objective!r}; use one of {', '.join(OBJECTIVES)}")
+        if self.param not in PARAMS:
+            raise ValueError(f"unknown policy parameterisation {self.param!r}; use one of {', '.join(PARAMS)}")
+        if self.policy_lr is not None and not self.policy_lr > 0:
+            raise ValueError(f"policy learning rate {self.policy_lr} must be positive")
+        if not 0 <= self.baseline_momentum < 1:
+            raise ValueError(f"baseline momentum {self.baseline_momentum} must lie in [0, 1)")
+        if self.entropy_coef < 0 or self.max_grad_norm < 0:
+            raise ValueError("entropy_coef and max_grad_norm must be 0 or more")
+
+
+def reinforce_loss(log_prob: torch.Tensor, advantage: torch.Tensor, entropy: torch.Tensor,
+                   entropy_coef: float) -> torch.Tensor:
+    """``-mean(advantage * log_prob) - entropy_coef * mean(entropy)``; each argument has shape (B,)."""
+    return -(advantage.detach() * log_prob).mean() - entropy_coef * entropy.mean()
+
+
+def official_loss(cell_log_prob: torch.Tensor, ce_mean: torch.Tensor) -> torch.Tensor:
+    """The reference code's objective: ``mean_b(log(sum_cells(exp(log p)))) * CE_batch_mean``.
+
+    Args:
+        cell_log_prob: per-cell log-probabilities, (B, G, G).
+        ce_mean: the batch-mean cross-entropy of the classifier (treated as a constant).
+    """
+    return torch.logsumexp(cell_log_prob.flatten(1), dim=1).mean() * ce_mean.detach()
+
+
+class Reinforce(Agent):
+    """REINFORCE with a Beta mask policy. See the module docstring for the estimator."""
+
+    name = "reinforce"
+    learns = True
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.cfg = ReinforceConfig(**kwargs)
+        self.cfg.validate()
+
+    def bind(self, core: PretrainCore, total_steps: int) -> None:
+        super().bind(core, total_steps)
+        cfg = self.cfg
+        self.policy = BetaMaskPolicy(core.in_channels, core.cfg.grid, cfg.param, cfg.policy_width,
+                                     cfg.policy_input_size).to(core.dev.device)
+        self.net: nn.Module = self.policy
+        if is_distributed():
+            ids = [core.dev.device.index] if core.dev.cuda else None
+            self.net = DistributedDataParallel(self.policy, device_ids=ids)
+        self.lr = cfg.policy_lr if cfg.policy_lr is not None else core.cfg.lr / 10
+        self.optimizer = torch.optim.SGD(self.policy.parameters(), lr=self.lr, momentum=cfg.momentum)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(1, total_steps),
+                                                                    eta_min=0.0)
+        self.baseline = torch.zeros((), device=core.dev.device)
+        self.baseline_ready = False
+
+    def act(self, images: torch.Tensor) -> Action:
+        self.policy.train()
+        dist = beta_distribution(self.net, images, update_base=True)
+        step = self.core.global_step
+        check_finite(dist.concentration1, "policy concentration alpha", step)
+        check_finite(dist.concentration0, "policy concentration beta", step)
+        grid = sample_mask(dist)
+        self._dist, self._grid = dist, grid
+        return Action(grid=grid)
+
+    def observe(self, result: StepResult) -> dict[str, float]:
+        cfg, dist, grid = self.cfg, self._dist, self._grid
+        step = self.core.global_step
+        reward = result.reward.detach().float()
+        check_finite(reward, "reward", step)
+        cell_logp = mask_log_prob(dist, grid)
+        entropy = dist.entropy().sum((1, 2))
+        mean_reward = all_mean(reward.mean())
+        if cfg.objective == "official":
+            loss = official_loss(cell_logp, all_mean(result.loss.mean()))
+            adv = reward - mean_reward
+        else:
+            if not self.baseline_ready:
+                self.baseline.copy_(mean_reward)
+                self.baseline_ready = True
+            adv = reward - self.baseline
+            if cfg.normalize_advantage:
+                centred = adv - all_mean(adv.mean())
+                adv = adv / (all_mean((centred**2).mean()).sqrt() + 1e-8)
+            loss = reinforce_loss(cell_logp.sum((1, 2)), adv, entropy, cfg.entropy_coef)
+            self.baseline.mul_(cfg.baseline_momentum).add_((1 - cfg.baseline_momentum) * mean_reward)
+        check_finite(loss.detach(), "policy loss", step)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.max_grad_norm > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.policy.parameters()
+                                                       if p.grad is not None])
+        self.optimizer.step()
+        self.scheduler.step()
+        alpha, beta = dist.concentration1.detach(), dist.concentration0.detach()
+        stats = torch.stack([
+            loss.detach(), entropy.detach().mean(), adv.detach().std() if adv.numel() > 1 else adv.new_zeros(()),
+            grad_norm.detach().float(), self.baseline.float(),
+            alpha.mean(), alpha.std(), beta.mean(), beta.std(), (alpha / (alpha + beta)).mean(),
+        ]).tolist()
+        names = ["policy/loss", "policy/entropy", "policy/advantage_std", "policy/grad_norm", "policy/baseline",
+                 "policy/alpha_mean", "policy/alpha_std", "policy/beta_mean", "policy/beta_std",
+                 "policy/beta_mean_value"]
+        return dict(zip(names, stats)) | {"policy/lr": self.optimizer.param_groups[0]["lr"]}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "baseline": self.baseline.detach().cpu(),
+            "baseline_ready": self.baseline_ready,
+            "config": asdict(self.cfg),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.policy.load_state_dict(state["policy"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.baseline.copy_(state["baseline"])
+        self.baseline_ready = bool(state["baseline_ready"])

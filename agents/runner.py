@@ -1,0 +1,279 @@
+"""Pretraining runs: an agent drives the environment; the runner logs, evaluates, checkpoints and resumes.
+
+A run folder holds ``config.json``, TensorBoard events, ``metrics.jsonl``, ``checkpoint.pt`` (and
+``checkpoint.prev.pt``, the one before) and, at the end, ``heated.pt``. Checkpoints are written
+atomically every ``ckpt_every`` steps and at every epoch end; they hold the classifier, its
+optimiser, the agent's state, the data position and every RNG state, so a resumed run continues
+exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from agents.base import Agent
+from agents.registry import make_agent
+from classifiers.data import load_dataset, make_loader
+from classifiers.distributed import all_mean, barrier, init_from_env, is_main
+from classifiers.heated import save_heated
+from classifiers.io import load_tensors, save_tensors
+from classifiers.metrics import METRIC_NAMES
+from classifiers.runlog import RunLogger, check_writable, hparams_table, write_json
+from classifiers.train import evaluate
+from envs.core import EnvConfig, PretrainCore, StepResult
+
+CHECKPOINT = "checkpoint.pt"
+PREVIOUS = "checkpoint.prev.pt"
+
+
+@dataclass
+class PretrainConfig:
+    """A pretraining run: the environment, the agent and the run's bookkeeping."""
+
+    algo: str = "reinforce"
+    """Agent name in the registry (``agents.registry``)."""
+    env: EnvConfig = field(default_factory=EnvConfig)
+    """The environment."""
+    agent: dict[str, Any] = field(default_factory=dict)
+    """Agent options (only those the agent accepts are used)."""
+    epochs: int = 1
+    """Passes over the training set."""
+    max_steps: int | None = None
+    """Stop after this many classifier steps in all (None: after ``epochs``)."""
+    run_dir: str = ""
+    """Run folder (empty: ``runs/<algo>__<dataset>__s<seed>__<time>``)."""
+    log_every: int = 10
+    """Steps between scalar logs."""
+    image_every: int = 100
+    """Steps between mask and masked-image grids and histograms in TensorBoard."""
+    ckpt_every: int = 100
+    """Steps between checkpoints (also written at every epoch end and at the end)."""
+    eval_batch_size: int = 256
+    """Batch size of the validation pass after every epoch."""
+
+    def validate(self) -> None:
+        self.env.validate()
+        if self.epochs < 1:
+            raise ValueError(f"epochs {self.epochs} must be at least 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max steps {self.max_steps} must be at least 1")
+        for name in ("log_every", "image_every", "ckpt_every", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} {getattr(self, name)} must be at least 1")
+
+    def default_run_dir(self) -> str:
+        data = self.env.dataset.split("?")[0].replace(":", "-").replace("/", "_")
+        return str(Path("runs") / f"{self.algo}__{data}__s{self.env.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PretrainConfig:
+        d = dict(d)
+        d["env"] = EnvConfig(**d["env"])
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG state a run uses, as tensors and plain values (loadable with ``weights_only=True``)."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    random.setstate(state["python"])
+
+
+def load_checkpoint(run_dir: Path) -> dict[str, Any] | None:
+    """The newest intact checkpoint in ``run_dir`` (None when there is none).
+
+    A damaged ``checkpoint.pt`` is named in a warning and ``checkpoint.prev.pt`` is used instead.
+    """
+    errors = []
+    for name in (CHECKPOINT, PREVIOUS):
+        path = run_dir / name
+        if not path.exists():
+            continue
+        try:
+            state = load_tensors(path)
+            if not isinstance(state, dict) or "core" not in state:
+                raise ValueError(f"{path} is not a pretraining checkpoint")
+            if errors:
+                warnings.warn(f"{errors[0]}; resuming from the previous checkpoint {path}", stacklevel=2)
+            return state
+        except ValueError as exc:
+            errors.append(str(exc))
+    if errors:
+        raise ValueError(" and ".join(errors) + "; no intact checkpoint remains, start the run again")
+    return None
+
+
+class PretrainRunner:
+    """Owns a run: builds the environment core and the agent, logs, evaluates, checkpoints."""
+
+    def __init__(self, cfg: PretrainConfig, resume: bool = False) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        init_from_env(cfg.env.device)
+        self.main = is_main()
+        self.run_dir = Path(cfg.run_dir or cfg.default_run_dir())
+        if self.main:
+            check_writable(self.run_dir)
+            if not resume and any((self.run_dir / n).exists() for n in (CHECKPOINT, PREVIOUS)):
+                raise ValueError(f"run folder {self.run_dir} already holds a run; pass --resume to continue it "
+                                 "or choose another --run-dir")
+        state = load_checkpoint(self.run_dir) if resume else None
+        if state is None and self.main:
+            for stale in self.run_dir.glob("events.out.tfevents.*"):
+                stale.unlink()  # the logs of a run that died before its first checkpoint
+        if state is not None:
+            saved = PretrainConfig.from_dict(state["config"])
+            saved.epochs, saved.max_steps = cfg.epochs, cfg.max_steps
+            self.cfg = cfg = saved
+        self.agent: Agent = make_agent(cfg.algo, cfg.agent)
+        data = load_dataset(cfg.env.dataset, image_size=cfg.env.image_size)
+        self.core = PretrainCore(cfg.env, data=data)
+        self.val_loader = make_loader(data, "val", cfg.eval_batch_size, train=False)
+        total = cfg.epochs * self.core.steps_per_epoch
+        self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
+        self.agent.bind(self.core, self.total_steps)
+        if state is not None:
+            self.core.load_state_dict(state["core"])
+            self.agent.load_state_dict(state["agent"])
+            set_rng_state(state["rng"])
+            self.logger = RunLogger(self.run_dir, self.main, purge_step=self.core.global_step + 1,
+                                    resume_offset=state["metrics_offset"])
+        else:
+            torch.manual_seed(cfg.env.seed)
+            random.seed(cfg.env.seed)
+            np.random.seed(cfg.env.seed)
+            self.core.reset(seed=cfg.env.seed)
+            self.logger = RunLogger(self.run_dir, self.main)
+            if self.main:
+                write_json(self.run_dir / "config.json", asdict(cfg))
+                self.logger.text("hyperparameters", hparams_table(self._flat_config()))
+        self._window: dict[str, list[torch.Tensor]] = {}
+        self._window_start = time.perf_counter()
+        self._window_steps = 0
+        self.last_val: dict[str, float] = {}
+
+    def _flat_config(self) -> dict[str, Any]:
+        c = asdict(self.cfg)
+        return {**{f"env.{k}": v for k, v in c.pop("env").items()},
+                **{f"agent.{k}": v for k, v in c.pop("agent").items()}, **c}
+
+    def done(self) -> bool:
+        return self.core.global_step >= self.total_steps
+
+    def after_step(self, result: StepResult, scalars: dict[str, Any], grid: torch.Tensor | None) -> None:
+        """Called after every classifier step: accumulate, log, evaluate at epoch end, checkpoint."""
+        step = self.core.global_step
+        values = {"train/loss": result.loss.mean(), "train/accuracy": result.correct.mean(),
+                  "reward/mean": result.reward.mean(), "reward/std": result.reward.std(), **scalars}
+        if grid is not None:
+            values |= {"mask/mean": grid.mean(), "mask/std": grid.std()}
+        for k, v in values.items():
+            self._window.setdefault(k, []).append(torch.as_tensor(v, dtype=torch.float32).detach())
+        self._window_steps += 1
+        if self.pbar is not None:
+            self.pbar.update(1)
+        epoch_end = self.core.exhausted
+        if step % self.cfg.log_every == 0 or epoch_end or self.done():
+            self._log_window(step)
+        if self.main and grid is not None and step % self.cfg.image_every == 0:
+            self._log_images(step, grid)
+        if epoch_end or self.done():
+            self._evaluate(step)
+        if epoch_end or self.done() or step % self.cfg.ckpt_every == 0:
+            self.save_checkpoint()
+
+    def _log_window(self, step: int) -> None:
+        elapsed = time.perf_counter() - self._window_start
+        means = {k: all_mean(torch.stack(v).mean().to(self.core.dev.device)).item()
+                 for k, v in self._window.items()}
+        images = self._window_steps * self.cfg.env.batch_size * self.core.world_size
+        means["perf/images_per_second"] = images / max(elapsed, 1e-9)
+        means["train/lr"] = self.core.optimizer.param_groups[0]["lr"]
+        means["train/epoch"] = float(self.core.epoch)
+        self.logger.scalars(step, means)
+        if self.pbar is not None:
+            self.pbar.set_postfix(loss=f"{means['train/loss']:.3f}", acc=f"{means['train/accuracy']:.3f}")
+        self._window, self._window_steps = {}, 0
+        self._window_start = time.perf_counter()
+
+    def _log_images(self, step: int, grid: torch.Tensor) -> None:
+        n = min(16, grid.shape[0])
+        mask = self.core.mask(grid[:n])
+        clean = self.core.images[:n].float() / 255.0  # the batch after this step's: shown with its own masks
+        self.logger.images(step, "images/mask", mask)
+        self.logger.images(step, "images/masked", (clean * mask)[:, :3])
+        self.logger.histogram(step, "mask/values", grid)
+
+    def _evaluate(self, step: int) -> None:
+        if self.main:
+            metrics = evaluate(self.core.classifier, self.val_loader, self.core.dev, self.core.normalizer)
+            self.last_val = {f"val/{k}": float(metrics[k]) for k in ("loss", *METRIC_NAMES)}
+            self.logger.scalars(step, self.last_val)
+        barrier()
+
+    def save_checkpoint(self) -> None:
+        """Write ``checkpoint.pt`` atomically, keeping the previous one as ``checkpoint.prev.pt``."""
+        state = {
+            "core": self.core.state_dict(),
+            "agent": self.agent.state_dict(),
+            "rng": rng_state(),
+            "config": asdict(self.cfg),
+            "metrics_offset": self.logger.offset(),
+        }
+        if self.main:
+            path = self.run_dir / CHECKPOINT
+            if path.exists():
+                path.replace(self.run_dir / PREVIOUS)
+            save_tensors(state, path)
+        barrier()
+
+    def run(self) -> Path:
+        """Train to the end; write ``heated.pt``; return the run folder."""
+        self.pbar = tqdm(total=self.total_steps, initial=self.core.global_step, disable=not self.main,
+                         desc=f"pretrain {self.cfg.algo}", unit="step", dynamic_ncols=True)
+        try:
+            if not self.done():
+                self.agent.learn(self)
+        finally:
+            self.pbar.close()
+            self.pbar = None
+        if self.main:
+            env = self.cfg.env
+            save_heated(self.run_dir / "heated.pt", self.core.classifier, env.classifier, self.core.num_classes,
+                        self.core.in_channels, env.image_size, self.core.data.class_names,
+                        meta={"algo": self.cfg.algo, "dataset": env.dataset, "steps": self.core.global_step,
+                              **self.last_val})
+            self.agent.save_extra(self.run_dir)
+        self.logger.close()
+        barrier()
+        return self.run_dir
+
+    pbar: tqdm | None = None
+
+
+def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
+    """Run (or resume) one pretraining run; return its folder."""
+    return PretrainRunner(cfg, resume=resume).run()

@@ -1,0 +1,97 @@
+"""The run folder's logs: TensorBoard events and ``metrics.jsonl`` with the same scalars, plus ``config.json``."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from torchvision.utils import make_grid
+
+from classifiers.io import atomic_write
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    atomic_write(path, lambda fh: fh.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()))
+
+
+def check_writable(folder: str | Path) -> Path:
+    """Create ``folder`` if needed and prove it writable; raise ``ValueError`` naming it otherwise."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(f"run folder {folder} cannot be written ({exc.strerror}); choose another --run-dir") \
+            from None
+    return folder
+
+
+def hparams_table(config: dict[str, Any]) -> str:
+    """A Markdown table of the configuration, for TensorBoard's text tab."""
+    rows = "\n".join(f"|{k}|{v}|" for k, v in sorted(config.items()))
+    return f"|param|value|\n|-|-|\n{rows}"
+
+
+class RunLogger:
+    """Scalars to TensorBoard and to ``metrics.jsonl`` (one JSON object per logging step), plus images.
+
+    Only the main process writes (``enabled``). On resume, ``metrics.jsonl`` is cut back to
+    ``resume_offset`` bytes and TensorBoard events after ``purge_step`` are dropped, so a resumed run's
+    logs equal an uninterrupted run's.
+    """
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True, purge_step: int | None = None,
+                 resume_offset: int | None = None) -> None:
+        self.run_dir, self.enabled = Path(run_dir), enabled
+        self.writer = None
+        if not enabled:
+            return
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        if resume_offset is not None and self.metrics_path.exists():
+            with open(self.metrics_path, "r+b") as fh:
+                fh.truncate(resume_offset)
+        elif resume_offset is None:
+            self.metrics_path.unlink(missing_ok=True)
+        self.writer = SummaryWriter(str(self.run_dir), purge_step=purge_step)
+        self._metrics = open(self.metrics_path, "a", encoding="utf-8")
+
+    def offset(self) -> int:
+        """Bytes of ``metrics.jsonl`` written so far (stored in checkpoints)."""
+        if not self.enabled:
+            return 0
+        self._metrics.flush()
+        os.fsync(self._metrics.fileno())
+        return self._metrics.tell()
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        for k, v in values.items():
+            self.writer.add_scalar(k, v, step)
+        self._metrics.write(json.dumps({"step": step, **values}, sort_keys=True) + "\n")
+        self._metrics.flush()
+
+    def images(self, step: int, tag: str, batch: torch.Tensor, nrow: int = 8) -> None:
+        """A grid of images (N, C, H, W) with values in [0, 1]."""
+        if self.enabled:
+            self.writer.add_image(tag, make_grid(batch.detach().float().cpu().clamp(0, 1), nrow=nrow, padding=1), step)
+
+    def histogram(self, step: int, tag: str, values: torch.Tensor) -> None:
+        if self.enabled:
+            self.writer.add_histogram(tag, values.detach().float().cpu().flatten(), step)
+
+    def text(self, tag: str, text: str) -> None:
+        if self.enabled:
+            self.writer.add_text(tag, text, 0)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.writer.close()
+            self._metrics.close()

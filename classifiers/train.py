@@ -1,0 +1,129 @@
+"""Plain supervised learning: device placement, normalisation, one training step, evaluation."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from classifiers.metrics import classification_metrics
+
+PAPER_MEAN = 0.3162
+PAPER_STD = 0.3213
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available; ``cuda`` without a GPU is an error naming the fix."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    if not (name == "cpu" or name.startswith("cuda")):
+        raise ValueError(f"unknown device {name!r}; use auto, cpu or cuda")
+    return torch.device(name)
+
+
+@dataclass
+class DevicePolicy:
+    """How tensors and models live on a device: bf16 autocast and channels-last on CUDA."""
+
+    device: torch.device
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def autocast(self):
+        if self.cuda:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        model = model.to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.cuda else model
+
+    def batch(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Move a uint8 batch to the device once, without blocking the host."""
+        images = images.to(self.device, non_blocking=True)
+        if self.cuda:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, labels.to(self.device, non_blocking=True)
+
+
+class Normalizer(nn.Module):
+    """uint8 images -> float, ``(x / 255 - mean) / std`` (the paper's mean 0.3162, std 0.3213)."""
+
+    def __init__(self, mean: float = PAPER_MEAN, std: float = PAPER_STD) -> None:
+        super().__init__()
+        self.mean, self.std = mean, std
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.float() / 255.0 - self.mean) / self.std
+
+
+class NonFiniteError(FloatingPointError):
+    """A NaN or infinity appeared; the message names the value and the step. Nothing was updated with it."""
+
+
+def check_finite(value: torch.Tensor, what: str, step: int) -> None:
+    """Raise :class:`NonFiniteError` when ``value`` holds NaN or infinity."""
+    if not bool(torch.isfinite(value).all()):
+        raise NonFiniteError(f"{what} is not finite at step {step} (value {value.flatten()[:4].tolist()}); "
+                             "the step was not applied. Lower the learning rate or check the inputs")
+
+
+def supervised_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor,
+                    labels: torch.Tensor, dev: DevicePolicy, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SGD step on float inputs; returns per-image cross-entropy and logits, both detached, in float32.
+
+    A non-finite loss raises :class:`NonFiniteError` before the weights change; buffers the forward pass
+    updated (BatchNorm running statistics) are restored, so nothing keeps a trace of the bad batch."""
+    model.train()
+    buffers = list(model.buffers())
+    saved = [b.clone() for b in buffers]
+    with dev.autocast():
+        logits = model(inputs)
+    per_image = F.cross_entropy(logits.float(), labels, reduction="none")
+    loss = per_image.mean()
+    try:
+        check_finite(loss, "classifier loss", step)
+    except NonFiniteError:
+        with torch.no_grad():
+            for b, s in zip(buffers, saved):
+                b.copy_(s)
+        raise
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return per_image.detach(), logits.detach().float()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: DataLoader, dev: DevicePolicy, normalizer: Normalizer
+            ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Class probabilities and labels over a loader of clean images, and the mean cross-entropy."""
+    was_training = model.training
+    model.eval()
+    probs, labels, loss_sum = [], [], 0.0
+    for images, y in loader:
+        images, y = dev.batch(images, y)
+        with dev.autocast():
+            logits = model(normalizer(images))
+        logits = logits.float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        probs.append(logits.softmax(1).cpu())
+        labels.append(y.cpu())
+    model.train(was_training)
+    p, lab = torch.cat(probs).numpy(), torch.cat(labels).numpy()
+    return p, lab, loss_sum / max(1, len(lab))
+
+
+def evaluate(model: nn.Module, loader: DataLoader, dev: DevicePolicy, normalizer: Normalizer) -> dict[str, object]:
+    """The paper's metrics plus ``loss`` on a loader of clean images."""
+    probs, labels, loss = predict(model, loader, dev, normalizer)
+    return {"loss": loss, **classification_metrics(labels, probs)}

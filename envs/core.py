@@ -1,0 +1,214 @@
+"""The environment core: one implementation of "a step", shared by the Gymnasium and VecEnv faces.
+
+A step takes each image's noise-mask grid (or a perturbation of the normalised batch, for the
+non-learned additive-noise baseline), applies it, takes one classifier optimiser step on the
+masked batch, and moves to the next batch. Everything stays a tensor on the device; numpy appears
+only in the faces.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from classifiers.data import DataSpec, load_dataset, make_loader
+from classifiers.models import build_classifier
+from classifiers.train import DevicePolicy, Normalizer, resolve_device, supervised_step
+from envs.masks import NoiseMask
+
+REWARDS = ("classifiable", "adversarial", "correct")
+
+
+@dataclass
+class EnvConfig:
+    """Everything that defines a pretraining environment."""
+
+    dataset: str = "synthrad"
+    """Dataset specification (see ``classifiers.data``)."""
+    classifier: str = "smallcnn"
+    """Classifier architecture: smallcnn, resnet18, resnet34 or resnet50."""
+    batch_size: int = 32
+    """Images per step (per process under torchrun)."""
+    image_size: int = 64
+    """Side of the square images in pixels."""
+    grid: int = 16
+    """Side G of the noise-mask grid (the paper: 64 at 224 px)."""
+    blur_kernel: int = 13
+    """Odd Gaussian kernel size of the mask blur (the paper: 13); 1 disables the blur."""
+    blur_sigma: float = 6.0
+    """Gaussian sigma of the mask blur in pixels (the paper: 6)."""
+    lr: float = 0.1
+    """Classifier SGD learning rate (the paper: 0.1)."""
+    momentum: float = 0.9
+    """Classifier SGD momentum."""
+    weight_decay: float = 1e-4
+    """Classifier SGD weight decay."""
+    lr_step_epochs: int = 30
+    """StepLR period in epochs (the paper: 30, factor 0.1)."""
+    reward: str = "classifiable"
+    """``classifiable``: -CE per image (the paper's sign); ``adversarial``: +CE; ``correct``: 1 when right."""
+    max_steps: int | None = None
+    """Truncate each episode after this many steps (None: one pass over the training set)."""
+    seed: int = 0
+    """Seeds the classifier's initialisation and the data order."""
+    device: str = "auto"
+    """auto, cpu or cuda."""
+    workers: int = 0
+    """DataLoader worker processes."""
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the value and the fix for any setting that cannot work."""
+        if self.batch_size < 1:
+            raise ValueError(f"batch size {self.batch_size} must be at least 1")
+        if self.lr <= 0 or not math.isfinite(self.lr):
+            raise ValueError(f"learning rate {self.lr} must be a positive number (the paper uses 0.1)")
+        if self.reward not in REWARDS:
+            raise ValueError(f"unknown reward {self.reward!r}; use one of {', '.join(REWARDS)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps {self.max_steps} must be at least 1 (or None)")
+        if self.workers < 0:
+            raise ValueError(f"workers {self.workers} must be 0 or more")
+        if self.lr_step_epochs < 1:
+            raise ValueError(f"lr_step_epochs {self.lr_step_epochs} must be at least 1")
+        NoiseMask(self.image_size, self.grid, self.blur_kernel, self.blur_sigma)
+
+
+@dataclass
+class StepResult:
+    """What one classifier step produced; tensors live on the device."""
+
+    reward: torch.Tensor
+    """Per-image reward, shape (B,)."""
+    loss: torch.Tensor
+    """Per-image cross-entropy of the masked batch (before the update), shape (B,)."""
+    correct: torch.Tensor
+    """Per-image correctness of that forward pass, shape (B,), float."""
+    truncated: bool
+    """The episode ended (its epoch ran out, or ``max_steps`` was reached)."""
+
+
+class PretrainCore:
+    """The classifier, its optimiser and data, and the masked training step.
+
+    Under ``torch.distributed`` (initialised by the caller) the classifier is wrapped in
+    DistributedDataParallel and the data sharded by rank, so N processes with batch B take the
+    same steps as one process with batch N*B.
+    """
+
+    def __init__(self, cfg: EnvConfig, data: DataSpec | None = None) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.dev = DevicePolicy(resolve_device(cfg.device))
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world_size = dist.get_world_size() if self.distributed else 1
+        self.data = data if data is not None else load_dataset(cfg.dataset, image_size=cfg.image_size)
+        if self.data.image_size != cfg.image_size:
+            raise ValueError(f"dataset {self.data.name} has {self.data.image_size} px images but image_size is "
+                             f"{cfg.image_size}; load it with image_size={cfg.image_size}")
+        self.loader = make_loader(self.data, "train", cfg.batch_size, train=True, seed=cfg.seed,
+                                  workers=cfg.workers, pin_memory=self.dev.cuda, rank=self.rank,
+                                  num_replicas=self.world_size)
+        self.steps_per_epoch = len(self.loader)
+        self.normalizer = Normalizer()
+        self.mask = NoiseMask(cfg.image_size, cfg.grid, cfg.blur_kernel, cfg.blur_sigma).to(self.dev.device)
+        self.in_channels = self.data.in_channels
+        self.num_classes = self.data.num_classes
+        self.global_step = 0
+        self.epoch = -1
+        self.step_in_epoch = 0
+        self.episode_steps = 0
+        self._iter = None
+        self.exhausted = True
+        self.images: torch.Tensor | None = None
+        self.labels: torch.Tensor | None = None
+        self._init_classifier(cfg.seed)
+
+    def _init_classifier(self, seed: int) -> None:
+        torch.manual_seed(seed)
+        model = build_classifier(self.cfg.classifier, self.num_classes, self.in_channels, self.cfg.image_size)
+        self.classifier = self.dev.prepare(model)
+        self.model = self.classifier
+        if self.distributed:
+            ids = [self.dev.device.index] if self.dev.cuda else None
+            self.model = DistributedDataParallel(self.classifier, device_ids=ids)
+        self.optimizer = torch.optim.SGD(self.classifier.parameters(), lr=self.cfg.lr, momentum=self.cfg.momentum,
+                                         weight_decay=self.cfg.weight_decay)
+        self.loader.sampler.seed = seed
+        self.global_step, self.epoch, self.step_in_epoch = 0, -1, 0
+
+    def lr_at(self, epoch: int) -> float:
+        """The classifier's step schedule: ``lr * 0.1 ** (epoch // lr_step_epochs)`` (the paper's StepLR)."""
+        return self.cfg.lr * 0.1 ** (epoch // self.cfg.lr_step_epochs)
+
+    def _start_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.step_in_epoch, self.episode_steps = epoch, start_step, 0
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(epoch)
+        self.loader.sampler.set_epoch(epoch, start_step * self.cfg.batch_size)
+        self._iter = iter(self.loader)
+        self.exhausted = not self._next_batch()
+
+    def _next_batch(self) -> bool:
+        try:
+            images, labels = next(self._iter)
+        except StopIteration:
+            return False
+        self.images, self.labels = self.dev.batch(images, labels)
+        return True
+
+    def reset(self, seed: int | None = None) -> torch.Tensor:
+        """Start an episode. With ``seed``: a fresh classifier, optimiser and data order (a new run).
+        Without: the next epoch, with the classifier as it is. Returns the first uint8 batch."""
+        if seed is not None:
+            self._init_classifier(seed)
+        self._start_epoch(self.epoch + 1)
+        return self.images
+
+    def step(self, grid: torch.Tensor | None = None,
+             perturb: Callable[[torch.Tensor], torch.Tensor] | None = None) -> StepResult:
+        """Apply ``grid`` (B, G, G) as the noise mask (None: no mask) and/or ``perturb`` to the normalised
+        batch, take one classifier step, and load the next batch."""
+        if self._iter is None:
+            raise RuntimeError("call reset() before step()")
+        x = self.normalizer(self.images)
+        if grid is not None:
+            x = self.mask.apply(x, grid)
+        if perturb is not None:
+            x = perturb(x)
+        loss, logits = supervised_step(self.model, self.optimizer, x, self.labels, self.dev,
+                                       step=self.global_step)
+        correct = (logits.argmax(1) == self.labels).float()
+        reward = {"classifiable": -loss, "adversarial": loss, "correct": correct}[self.cfg.reward]
+        self.global_step += 1
+        self.step_in_epoch += 1
+        self.episode_steps += 1
+        more = self._next_batch()
+        self.exhausted = not more
+        limit = self.cfg.max_steps is not None and self.episode_steps >= self.cfg.max_steps
+        return StepResult(reward=reward, loss=loss, correct=correct, truncated=(not more) or limit)
+
+    def state_dict(self) -> dict:
+        """Classifier, optimiser, scheduler and position: enough to continue exactly."""
+        return {
+            "classifier": self.classifier.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "global_step": self.global_step,
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "data_seed": self.loader.sampler.seed,
+            "config": asdict(self.cfg),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`; the next batch is the one the saved run would have seen next."""
+        self.classifier.load_state_dict(state["classifier"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.loader.sampler.seed = state["data_seed"]
+        self.global_step = state["global_step"]
+        self._start_epoch(state["epoch"], state["step_in_epoch"])

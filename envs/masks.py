@@ -1,0 +1,68 @@
+"""Noise-mask operations, batched and device-agnostic: grid -> nearest upsample -> Gaussian blur -> multiply."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def gaussian_kernel1d(kernel_size: int, sigma: float, dtype=torch.float32, device=None) -> torch.Tensor:
+    """Normalised 1-D Gaussian weights, the same as torchvision's ``gaussian_blur`` uses."""
+    half = (kernel_size - 1) * 0.5
+    x = torch.linspace(-half, half, kernel_size, dtype=dtype, device=device)
+    pdf = torch.exp(-0.5 * (x / sigma) ** 2)
+    return pdf / pdf.sum()
+
+
+def check_blur(kernel_size: int, sigma: float, image_size: int) -> None:
+    """Raise ``ValueError`` naming the fix when a blur cannot be applied to images of ``image_size``."""
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"blur kernel {kernel_size} must be a positive odd number (for example 13)")
+    if kernel_size // 2 >= image_size:
+        raise ValueError(f"blur kernel {kernel_size} is too large for {image_size} px images (reflect padding "
+                         f"needs kernel // 2 < image size); use at most {2 * image_size - 1}")
+    if not sigma > 0:
+        raise ValueError(f"blur sigma {sigma} must be positive")
+
+
+def gaussian_blur(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian blur of (B, C, H, W) with reflect padding; ``kernel`` is 1-D and odd."""
+    k = kernel.numel()
+    pad = k // 2
+    c = x.shape[1]
+    kx = kernel.to(x.dtype).view(1, 1, 1, k).expand(c, 1, 1, k)
+    ky = kernel.to(x.dtype).view(1, 1, k, 1).expand(c, 1, k, 1)
+    x = F.conv2d(F.pad(x, (pad, pad, 0, 0), mode="reflect"), kx, groups=c)
+    return F.conv2d(F.pad(x, (0, 0, pad, pad), mode="reflect"), ky, groups=c)
+
+
+class NoiseMask(nn.Module):
+    """Turn (B, G, G) grids into (B, 1, H, W) masks and apply them to normalised images.
+
+    Args:
+        image_size: side H = W of the images.
+        grid: side G of the mask grid; at most ``image_size``.
+        blur_kernel: odd Gaussian kernel size (the paper: 13); 1 disables the blur.
+        blur_sigma: Gaussian standard deviation in pixels (the paper: 6).
+    """
+
+    def __init__(self, image_size: int, grid: int, blur_kernel: int = 13, blur_sigma: float = 6.0) -> None:
+        super().__init__()
+        if not 1 <= grid <= image_size:
+            raise ValueError(f"grid {grid} must lie in 1..{image_size} (the image size); use a smaller --grid")
+        check_blur(blur_kernel, blur_sigma, image_size)
+        self.image_size, self.grid = image_size, grid
+        self.register_buffer("kernel", gaussian_kernel1d(blur_kernel, blur_sigma), persistent=False)
+
+    def upsample(self, grid: torch.Tensor) -> torch.Tensor:
+        """Nearest-neighbour upsampling of (B, G, G) to (B, 1, H, W)."""
+        return F.interpolate(grid.unsqueeze(1), size=(self.image_size, self.image_size), mode="nearest")
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+        mask = self.upsample(grid.float())
+        return gaussian_blur(mask, self.kernel) if self.kernel.numel() > 1 else mask
+
+    def apply(self, images: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        """Multiply normalised images (B, C, H, W) by the blurred mask of each image's grid."""
+        return images * self(grid).to(images.dtype)

@@ -1,0 +1,88 @@
+#!/usr/bin/env python
+"""Pretrain a classifier while an agent masks its inputs; write the run folder and ``heated.pt``.
+
+    python scripts/pretrain.py --algo reinforce --max-steps 30
+    python scripts/pretrain.py --algo ppo --dataset imagefolder:/data/radimagenet --classifier resnet50 \
+        --image-size 224 --grid 64 --epochs 90
+    torchrun --nproc_per_node=8 scripts/pretrain.py --algo reinforce ...   # several GPUs
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from agents.registry import AGENTS, algo_names
+from agents.runner import PretrainConfig, pretrain
+from classifiers.cli import add_common_arguments, fail_cleanly
+from classifiers.models import ARCHITECTURES
+from envs.core import REWARDS, EnvConfig
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--algo", default="reinforce", help=f"agent: {', '.join(algo_names())}")
+    add_common_arguments(p, default_dataset="synthrad", classifiers=ARCHITECTURES)
+    p.add_argument("--grid", type=int, default=16, help="side G of the noise-mask grid")
+    p.add_argument("--blur-kernel", type=int, default=13, help="odd Gaussian kernel size of the mask blur")
+    p.add_argument("--blur-sigma", type=float, default=6.0, help="Gaussian sigma of the mask blur (pixels)")
+    p.add_argument("--lr", type=float, default=0.1, help="classifier SGD learning rate")
+    p.add_argument("--lr-step-epochs", type=int, default=30, help="classifier StepLR period (factor 0.1)")
+    p.add_argument("--reward", default="classifiable", choices=REWARDS, help="per-image reward")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many classifier steps")
+    p.add_argument("--log-every", type=int, default=10, help="steps between scalar logs")
+    p.add_argument("--image-every", type=int, default=100, help="steps between mask image grids")
+    p.add_argument("--ckpt-every", type=int, default=100, help="steps between checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
+
+    r = p.add_argument_group("reinforce (our agent)")
+    r.add_argument("--policy-lr", type=float, default=None, help="policy SGD lr (default: --lr / 10)")
+    r.add_argument("--objective", choices=("reinforce", "official"), default=None,
+                   help="REINFORCE estimator (default) or the reference code's objective")
+    r.add_argument("--param", choices=("exp", "softplus"), default=None, help="Beta parameterisation")
+    r.add_argument("--entropy-coef", type=float, default=None, help="entropy bonus weight")
+    r.add_argument("--normalize-advantage", action="store_true", default=None, help="normalise advantages")
+    r.add_argument("--max-grad-norm", type=float, default=None, help="policy gradient clipping (0: off)")
+
+    b = p.add_argument_group("non-learned agents")
+    b.add_argument("--noise-std", type=float, default=None, help="gaussian-noise: std on the normalised image")
+
+    s = p.add_argument_group("ppo and a2c (stable-baselines3)")
+    s.add_argument("--n-steps", type=int, default=None, help="rollout length per slot")
+    s.add_argument("--n-epochs", type=int, default=None, help="ppo: optimisation epochs per rollout")
+    s.add_argument("--sb3-batch-size", type=int, default=None, help="ppo: minibatch size")
+    s.add_argument("--ent-coef", type=float, default=None, help="entropy coefficient")
+    s.add_argument("--vf-coef", type=float, default=None, help="value-function coefficient")
+    s.add_argument("--gamma", type=float, default=None, help="discount factor")
+    s.add_argument("--gae-lambda", type=float, default=None, help="GAE lambda")
+    s.add_argument("--clip-range", type=float, default=None, help="ppo: clipping range")
+    return p.parse_args(argv)
+
+
+def config_from_args(a: argparse.Namespace) -> PretrainConfig:
+    if a.algo not in AGENTS:
+        raise ValueError(f"unknown --algo {a.algo!r}; use one of {', '.join(algo_names())}")
+    env = EnvConfig(dataset=a.dataset, classifier=a.classifier, batch_size=a.batch_size, image_size=a.image_size,
+                    grid=a.grid, blur_kernel=a.blur_kernel, blur_sigma=a.blur_sigma, lr=a.lr,
+                    lr_step_epochs=a.lr_step_epochs, reward=a.reward, seed=a.seed, device=a.device,
+                    workers=a.workers)
+    agent = {k: getattr(a, k) for k in ("policy_lr", "objective", "param", "entropy_coef", "normalize_advantage",
+                                         "max_grad_norm", "noise_std", "n_steps", "n_epochs", "sb3_batch_size",
+                                         "ent_coef", "vf_coef", "gamma", "gae_lambda", "clip_range")}
+    if a.policy_lr is not None and a.policy_lr <= 0:
+        raise ValueError(f"--policy-lr {a.policy_lr} must be positive")
+    return PretrainConfig(algo=a.algo, env=env, agent={k: v for k, v in agent.items() if v is not None},
+                          epochs=a.epochs, max_steps=a.max_steps, run_dir=a.run_dir or "",
+                          log_every=a.log_every, image_every=a.image_every, ckpt_every=a.ckpt_every)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    run_dir = pretrain(config_from_args(args), resume=args.resume)
+    print(f"run folder: {run_dir}\nheated model: {run_dir / 'heated.pt'}\n"
+          f"TensorBoard: tensorboard --logdir {run_dir.parent}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(fail_cleanly(main))
