@@ -24,7 +24,7 @@ from tqdm import tqdm
 from agents.base import Agent
 from agents.registry import make_agent
 from classifiers.data import load_dataset, make_loader
-from classifiers.distributed import all_mean, barrier, init_from_env, is_main
+from classifiers.distributed import all_mean, barrier, init_from_env, is_main, shutdown
 from classifiers.heated import save_heated
 from classifiers.io import load_tensors, save_tensors
 from classifiers.metrics import METRIC_NAMES
@@ -200,6 +200,8 @@ class PretrainRunner:
             self._log_window(step)
         if self.main and grid is not None and step % self.cfg.image_every == 0:
             self._log_images(step, grid)
+        if epoch_end or self.done() or step % self.cfg.ckpt_every == 0:
+            self.core.sync_buffers()
         if epoch_end or self.done():
             self._evaluate(step)
         if epoch_end or self.done() or step % self.cfg.ckpt_every == 0:
@@ -275,5 +277,8 @@ class PretrainRunner:
 
 
 def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
-    """Run (or resume) one pretraining run; return its folder."""
-    return PretrainRunner(cfg, resume=resume).run()
+    """Run (or resume) one pretraining run; return its folder. Under torchrun, leaves the process group."""
+    try:
+        return PretrainRunner(cfg, resume=resume).run()
+    finally:
+        shutdown()

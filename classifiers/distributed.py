@@ -25,6 +25,11 @@ def init_from_env(device: str) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def launch_rank() -> int:
+    """This process's rank as torchrun set it (0 when not launched by torchrun), valid before and after the group."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 

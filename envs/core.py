@@ -60,6 +60,10 @@ class EnvConfig:
     """auto, cpu or cuda."""
     workers: int = 0
     """DataLoader worker processes."""
+    sync_bn: bool = False
+    """Under torchrun on CUDA, synchronise BatchNorm statistics over all processes (SyncBatchNorm), so N
+    processes of batch B normalise like one of batch N*B. Off by default: per-process statistics, as in the
+    paper's 8-GPU runs (PyTorch's SyncBatchNorm has no CPU implementation)."""
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the value and the fix for any setting that cannot work."""
@@ -136,6 +140,8 @@ class PretrainCore:
         self.model = self.classifier
         if self.distributed:
             ids = [self.dev.device.index] if self.dev.cuda else None
+            if self.cfg.sync_bn and self.dev.cuda:
+                self.classifier = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.classifier)
             self.model = DistributedDataParallel(self.classifier, device_ids=ids)
         self.optimizer = torch.optim.SGD(self.classifier.parameters(), lr=self.cfg.lr, momentum=self.cfg.momentum,
                                          weight_decay=self.cfg.weight_decay)
@@ -192,6 +198,23 @@ class PretrainCore:
         self.exhausted = not more
         limit = self.cfg.max_steps is not None and self.episode_steps >= self.cfg.max_steps
         return StepResult(reward=reward, loss=loss, correct=correct, truncated=(not more) or limit)
+
+    @torch.no_grad()
+    def sync_buffers(self) -> None:
+        """Average the classifier's floating-point buffers (BatchNorm running statistics) over all processes.
+
+        DDP broadcasts rank 0's buffers before each forward, but the last forward updates them per rank;
+        averaging before evaluation and saving makes every rank hold the same classifier, with statistics
+        from all the data.
+        """
+        if not self.distributed:
+            return
+        for buf in self.classifier.buffers():
+            if buf.is_floating_point():
+                dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+                buf /= self.world_size
+            else:
+                dist.broadcast(buf, src=0)
 
     def state_dict(self) -> dict:
         """Classifier, optimiser, scheduler and position: enough to continue exactly."""

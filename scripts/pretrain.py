@@ -15,6 +15,7 @@ import sys
 from agents.registry import AGENTS, algo_names
 from agents.runner import PretrainConfig, pretrain
 from classifiers.cli import add_common_arguments, fail_cleanly
+from classifiers.distributed import launch_rank
 from classifiers.models import ARCHITECTURES
 from envs.core import REWARDS, EnvConfig
 
@@ -34,6 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-every", type=int, default=100, help="steps between mask image grids")
     p.add_argument("--ckpt-every", type=int, default=100, help="steps between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
+    p.add_argument("--sync-bn", action="store_true", help="under torchrun on CUDA: SyncBatchNorm in the classifier")
 
     r = p.add_argument_group("reinforce (our agent)")
     r.add_argument("--policy-lr", type=float, default=None, help="policy SGD lr (default: --lr / 10)")
@@ -65,7 +67,7 @@ def config_from_args(a: argparse.Namespace) -> PretrainConfig:
     env = EnvConfig(dataset=a.dataset, classifier=a.classifier, batch_size=a.batch_size, image_size=a.image_size,
                     grid=a.grid, blur_kernel=a.blur_kernel, blur_sigma=a.blur_sigma, lr=a.lr,
                     lr_step_epochs=a.lr_step_epochs, reward=a.reward, seed=a.seed, device=a.device,
-                    workers=a.workers)
+                    workers=a.workers, sync_bn=a.sync_bn)
     agent = {k: getattr(a, k) for k in ("policy_lr", "objective", "param", "entropy_coef", "normalize_advantage",
                                          "max_grad_norm", "noise_std", "n_steps", "n_epochs", "sb3_batch_size",
                                          "ent_coef", "vf_coef", "gamma", "gae_lambda", "clip_range")}
@@ -79,8 +81,9 @@ def config_from_args(a: argparse.Namespace) -> PretrainConfig:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     run_dir = pretrain(config_from_args(args), resume=args.resume)
-    print(f"run folder: {run_dir}\nheated model: {run_dir / 'heated.pt'}\n"
-          f"TensorBoard: tensorboard --logdir {run_dir.parent}")
+    if launch_rank() == 0:
+        print(f"run folder: {run_dir}\nheated model: {run_dir / 'heated.pt'}\n"
+              f"TensorBoard: tensorboard --logdir {run_dir.parent}")
     return 0
 
 

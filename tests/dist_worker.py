@@ -1,0 +1,68 @@
+"""Launched by tests/test_distributed.py under torchrun (or alone): writes each rank's results to OUT."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from agents.reinforce import Reinforce
+from agents.runner import PretrainConfig, PretrainRunner
+from classifiers.data import DataSpec, ImageSource
+from classifiers.distributed import init_from_env, rank, shutdown
+from envs.core import EnvConfig, PretrainCore, StepResult
+
+
+def tiny_data(n: int = 64, size: int = 16) -> DataSpec:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 1, size, size), dtype=torch.uint8, generator=g)
+    labels = (np.arange(n) % 2).astype(np.int64)
+    splits = {s: ImageSource(labels=labels, images=images) for s in ("train", "val")}
+    return DataSpec("tiny", ["a", "b"], 1, size, splits)
+
+
+def pretrain(out: Path, run_dir: str) -> None:
+    """A short reinforce pretraining; every rank saves its classifier and policy weights."""
+    cfg = PretrainConfig(algo="reinforce", env=EnvConfig(dataset="synthrad?n_train=256&n_val=32&n_test=32",
+                                                         batch_size=8, image_size=32, grid=8, device="cpu"),
+                         max_steps=6, run_dir=run_dir, log_every=2, image_every=2, ckpt_every=3)
+    runner = PretrainRunner(cfg)
+    runner.run()
+    torch.save({"classifier": runner.core.classifier.state_dict(), "policy": runner.agent.policy.state_dict()},
+               out / f"rank{rank()}.pt")
+
+
+def equivalence(out: Path, global_batch: int) -> None:
+    """Three REINFORCE updates on fixed masks and rewards for one global batch, split over the ranks."""
+    rk, world = init_from_env("cpu")
+    torch.manual_seed(0)
+    core = PretrainCore(EnvConfig(batch_size=global_batch // world, image_size=16, grid=4, blur_kernel=1,
+                                  device="cpu"), data=tiny_data())
+    torch.manual_seed(1)
+    agent = Reinforce(normalize_advantage=True, entropy_coef=0.01)
+    agent.bind(core, total_steps=10)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        images = torch.randint(0, 256, (global_batch, 1, 16, 16), dtype=torch.uint8, generator=g)
+        grid = torch.rand(global_batch, 4, 4, generator=g).clamp(0.01, 0.99)
+        reward = torch.randn(global_batch, generator=g)
+        loss = torch.rand(global_batch, generator=g)
+        local = slice(rk, None, world)  # the sampler's sharding: rank r takes every world-th image
+        agent.act(images[local])
+        agent._grid = grid[local]
+        agent.observe(StepResult(reward=reward[local], loss=loss[local], correct=torch.zeros(global_batch)[local],
+                                 truncated=False))
+    torch.save({"policy": agent.policy.state_dict(), "baseline": agent.baseline.clone()}, out / f"eq{world}-rank{rk}.pt")
+
+
+if __name__ == "__main__":
+    mode, out = sys.argv[1], Path(sys.argv[2])
+    try:
+        if mode == "pretrain":
+            pretrain(out, sys.argv[3])
+        else:
+            equivalence(out, int(sys.argv[3]))
+    finally:
+        shutdown()

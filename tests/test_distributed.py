@@ -1,0 +1,54 @@
+"""torchrun with gloo on CPU: identical weights on every rank, rank 0 alone writes, N x B behaves like 1 x N*B."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def torchrun(nproc: int, *args: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=0",
+           "--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0", str(WORKER), *args]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def assert_same_state(a: dict, b: dict, atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=atol, rtol=0), k
+
+
+def test_two_ranks_pretrain_identically_and_only_rank0_writes(tmp_path: Path) -> None:
+    out, run_dir = tmp_path / "out", tmp_path / "run"
+    out.mkdir()
+    torchrun(2, "pretrain", str(out), str(run_dir))
+    r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert_same_state(r0["classifier"], r1["classifier"])
+    assert_same_state(r0["policy"], r1["policy"])
+    names = sorted(p.name for p in run_dir.iterdir())
+    events = [n for n in names if n.startswith("events.out.tfevents")]
+    assert len(events) == 1, names  # one writer: rank 0
+    assert {"config.json", "metrics.jsonl", "checkpoint.pt", "heated.pt"} <= set(names)
+    steps = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"train/loss"' in line]
+    assert len(steps) == 3  # logged every 2 of 6 steps, once (not once per rank)
+
+
+@pytest.mark.parametrize("global_batch", [8])
+def test_two_processes_of_batch_b_update_like_one_of_batch_2b(tmp_path: Path, global_batch: int) -> None:
+    torchrun(2, "equivalence", str(tmp_path), str(global_batch))
+    torchrun(1, "equivalence", str(tmp_path), str(global_batch))
+    two = [torch.load(tmp_path / f"eq2-rank{r}.pt", weights_only=True) for r in (0, 1)]
+    one = torch.load(tmp_path / "eq1-rank0.pt", weights_only=True)
+    assert_same_state(two[0]["policy"], two[1]["policy"])
+    assert_same_state(two[0]["policy"], one["policy"], atol=1e-5)
+    assert torch.allclose(two[0]["baseline"], one["baseline"], atol=1e-6)
