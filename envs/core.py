@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from classifiers.data import DataSpec, load_dataset, make_loader
-from classifiers.models import build_classifier
+from classifiers.models import ARCHITECTURES, build_classifier
 from classifiers.train import DevicePolicy, Normalizer, resolve_device, supervised_step
 from envs.masks import NoiseMask
 
@@ -67,6 +67,8 @@ class EnvConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the value and the fix for any setting that cannot work."""
+        if self.classifier not in ARCHITECTURES:
+            raise ValueError(f"unknown classifier {self.classifier!r}; use one of {', '.join(ARCHITECTURES)}")
         if self.batch_size < 1:
             raise ValueError(f"batch size {self.batch_size} must be at least 1")
         if self.lr <= 0 or not math.isfinite(self.lr):
@@ -80,6 +82,7 @@ class EnvConfig:
         if self.lr_step_epochs < 1:
             raise ValueError(f"lr_step_epochs {self.lr_step_epochs} must be at least 1")
         NoiseMask(self.image_size, self.grid, self.blur_kernel, self.blur_sigma)
+        resolve_device(self.device)
 
 
 @dataclass

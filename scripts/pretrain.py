@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from agents.registry import AGENTS, algo_names
+from agents.registry import algo_names
 from agents.runner import PretrainConfig, pretrain
 from classifiers.cli import add_common_arguments, fail_cleanly
 from classifiers.distributed import launch_rank
@@ -62,8 +62,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def config_from_args(a: argparse.Namespace) -> PretrainConfig:
-    if a.algo not in AGENTS:
-        raise ValueError(f"unknown --algo {a.algo!r}; use one of {', '.join(algo_names())}")
     env = EnvConfig(dataset=a.dataset, classifier=a.classifier, batch_size=a.batch_size, image_size=a.image_size,
                     grid=a.grid, blur_kernel=a.blur_kernel, blur_sigma=a.blur_sigma, lr=a.lr,
                     lr_step_epochs=a.lr_step_epochs, reward=a.reward, seed=a.seed, device=a.device,
@@ -71,8 +69,6 @@ def config_from_args(a: argparse.Namespace) -> PretrainConfig:
     agent = {k: getattr(a, k) for k in ("policy_lr", "objective", "param", "entropy_coef", "normalize_advantage",
                                          "max_grad_norm", "noise_std", "n_steps", "n_epochs", "sb3_batch_size",
                                          "ent_coef", "vf_coef", "gamma", "gae_lambda", "clip_range")}
-    if a.policy_lr is not None and a.policy_lr <= 0:
-        raise ValueError(f"--policy-lr {a.policy_lr} must be positive")
     return PretrainConfig(algo=a.algo, env=env, agent={k: v for k, v in agent.items() if v is not None},
                           epochs=a.epochs, max_steps=a.max_steps, run_dir=a.run_dir or "",
                           log_every=a.log_every, image_every=a.image_every, ckpt_every=a.ckpt_every)

@@ -54,7 +54,8 @@ def equivalence(out: Path, global_batch: int) -> None:
         agent._grid = grid[local]
         agent.observe(StepResult(reward=reward[local], loss=loss[local], correct=torch.zeros(global_batch)[local],
                                  truncated=False))
-    torch.save({"policy": agent.policy.state_dict(), "baseline": agent.baseline.clone()}, out / f"eq{world}-rank{rk}.pt")
+    result = {"policy": agent.policy.state_dict(), "baseline": agent.baseline.clone()}
+    torch.save(result, out / f"eq{world}-rank{rk}.pt")
 
 
 if __name__ == "__main__":

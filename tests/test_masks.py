@@ -1,0 +1,94 @@
+"""Noise-mask operations: separable Gaussian blur against torchvision, nearest upsampling, argument checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision.transforms import functional as TF
+
+from envs.masks import NoiseMask, check_blur, gaussian_blur, gaussian_kernel1d
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+
+@pytest.mark.parametrize(
+    ("kernel", "sigma", "shape"),
+    [(3, 0.8, (2, 1, 16, 16)), (5, 1.5, (3, 3, 20, 24)), (13, 6.0, (2, 1, 32, 32)), (9, 3.0, (1, 2, 17, 31)),
+     (1, 1.0, (2, 1, 8, 8))],
+)
+def test_blur_matches_torchvision(kernel: int, sigma: float, shape: tuple[int, ...]) -> None:
+    g = torch.Generator().manual_seed(kernel)
+    x = torch.rand(shape, generator=g) * 4 - 2
+    ours = gaussian_blur(x, gaussian_kernel1d(kernel, sigma))
+    ref = TF.gaussian_blur(x, [kernel, kernel], [sigma, sigma])
+    assert ours.shape == x.shape
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+
+
+def test_kernel_is_normalised_and_symmetric() -> None:
+    k = gaussian_kernel1d(13, 6.0)
+    assert k.shape == (13,) and abs(float(k.sum()) - 1.0) < 1e-6
+    assert torch.equal(k, k.flip(0)) and int(k.argmax()) == 6
+
+
+def test_upsample_is_nearest() -> None:
+    g = torch.Generator().manual_seed(0)
+    grid = torch.rand(3, 8, 8, generator=g)
+    mask = NoiseMask(32, 8, blur_kernel=1)(grid)
+    assert tuple(mask.shape) == (3, 1, 32, 32)
+    for i in range(8):
+        for j in range(8):
+            block = mask[:, 0, 4 * i : 4 * i + 4, 4 * j : 4 * j + 4]
+            assert torch.equal(block, grid[:, i, j, None, None].expand_as(block))
+
+
+def test_upsample_non_divisible_grid_keeps_values() -> None:
+    grid = torch.arange(25, dtype=torch.float32).view(1, 5, 5) / 25
+    mask = NoiseMask(32, 5, blur_kernel=1)(grid)
+    assert set(mask.unique().tolist()) == set(grid.unique().tolist())
+
+
+def test_all_ones_grid_leaves_image_unchanged() -> None:
+    x = torch.randn(4, 3, 32, 32)
+    nm = NoiseMask(32, 8, blur_kernel=13, blur_sigma=6.0)
+    mask = nm(torch.ones(4, 8, 8))
+    torch.testing.assert_close(mask, torch.ones_like(mask), atol=1e-6, rtol=0)
+    torch.testing.assert_close(nm.apply(x, torch.ones(4, 8, 8)), x, atol=1e-5, rtol=0)
+
+
+def test_apply_multiplies_each_image_by_its_own_mask() -> None:
+    x = torch.randn(2, 1, 16, 16)
+    grid = torch.stack([torch.zeros(4, 4), torch.full((4, 4), 0.5)])
+    out = NoiseMask(16, 4, blur_kernel=5, blur_sigma=2.0).apply(x, grid)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    torch.testing.assert_close(out[1], 0.5 * x[1], atol=1e-6, rtol=0)
+
+
+def test_blurred_mask_stays_in_unit_interval() -> None:
+    grid = torch.rand(4, 8, 8, generator=torch.Generator().manual_seed(1))
+    mask = NoiseMask(32, 8)(grid)
+    assert float(mask.min()) >= -1e-6 and float(mask.max()) <= 1 + 1e-6
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"blur_kernel": 4}, "positive odd"),
+        ({"blur_kernel": 0}, "positive odd"),
+        ({"blur_kernel": 65}, "too large"),
+        ({"blur_sigma": 0.0}, "sigma"),
+        ({"grid": 33}, "grid 33"),
+        ({"grid": 0}, "grid 0"),
+    ],
+)
+def test_invalid_arguments(kwargs: dict, match: str) -> None:
+    args = {"image_size": 32, "grid": 8, "blur_kernel": 13, "blur_sigma": 6.0, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        NoiseMask(**args)
+
+
+def test_largest_valid_kernel() -> None:
+    check_blur(63, 6.0, 32)
+    x = torch.rand(1, 1, 32, 32)
+    torch.testing.assert_close(gaussian_blur(x, gaussian_kernel1d(63, 6.0)),
+                               TF.gaussian_blur(x, [63, 63], [6.0, 6.0]), atol=1e-5, rtol=0)

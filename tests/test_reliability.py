@@ -1,0 +1,142 @@
+"""A pretraining process killed with SIGKILL and resumed ends exactly where an uninterrupted run ends."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--dataset", "synthrad?n_train=192&n_val=24&n_test=24", "--image-size", "32", "--grid", "8",
+        "--batch-size", "8", "--classifier", "smallcnn", "--device", "cpu", "--log-every", "3", "--ckpt-every", "4",
+        "--image-every", "10", "--epochs", "2"]
+
+
+def script(name: str, *args: str) -> list[str]:
+    return [sys.executable, str(ROOT / "scripts" / name), *args]
+
+
+def run(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def kill_after_checkpoint(cmd: list[str], checkpoint: Path, min_step: int) -> None:
+    """Start ``cmd``, wait until ``checkpoint`` exists and the run passed ``min_step``, then SIGKILL it."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    metrics = checkpoint.with_name("metrics.jsonl")
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if checkpoint.exists() and metrics.exists():
+            steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines() if x.strip()]
+            if steps and max(steps) >= min_step:
+                break
+        time.sleep(0.05)
+    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def comparable_metrics(path: Path) -> list[dict]:
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows]
+
+
+def assert_equal_states(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("algo", ["reinforce", "uniform-mask"])
+def test_pretrain_killed_and_resumed_equals_uninterrupted(tmp_path: Path, algo: str) -> None:
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    run(script("pretrain.py", "--algo", algo, "--run-dir", str(whole), *TINY))
+    kill_after_checkpoint(script("pretrain.py", "--algo", algo, "--run-dir", str(broken), *TINY),
+                          broken / "checkpoint.pt", min_step=13)
+    assert not (broken / "heated.pt").exists()
+    run(script("pretrain.py", "--algo", algo, "--run-dir", str(broken), "--resume", *TINY))
+
+    a = torch.load(whole / "heated.pt", weights_only=True)
+    b = torch.load(broken / "heated.pt", weights_only=True)
+    assert_equal_states(a["state_dict"], b["state_dict"])
+    ca = torch.load(whole / "checkpoint.pt", weights_only=True)
+    cb = torch.load(broken / "checkpoint.pt", weights_only=True)
+    assert_equal_states(ca["core"]["classifier"], cb["core"]["classifier"])
+    if algo == "reinforce":
+        assert_equal_states(ca["agent"]["policy"], cb["agent"]["policy"])
+    assert comparable_metrics(whole / "metrics.jsonl") == comparable_metrics(broken / "metrics.jsonl")
+
+
+def test_damaged_checkpoint_falls_back_to_previous(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    args = ["--algo", "reinforce", "--run-dir", str(run_dir), *TINY]
+    run(script("pretrain.py", *args, "--max-steps", "8"))
+    (run_dir / "checkpoint.pt").write_bytes(b"\x00garbage")
+    proc = subprocess.run(script("pretrain.py", *args, "--max-steps", "12", "--resume"), cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "checkpoint.pt" in proc.stderr and "previous checkpoint" in proc.stderr
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert state["core"]["global_step"] == 12
+
+
+def _nan_after(calls: int, fn):
+    """Wrap ``fn`` so that from its ``calls``-th call on its output is NaN."""
+    count = [0]
+
+    def wrapped(*args, **kwargs):
+        count[0] += 1
+        out = fn(*args, **kwargs)
+        return out * float("nan") if count[0] >= calls else out
+
+    return wrapped
+
+
+@pytest.mark.parametrize("where", ["concentration", "reward", "loss"])
+def test_non_finite_value_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, where):
+    from agents.policy import BetaMaskPolicy
+    from agents.runner import PretrainConfig, PretrainRunner
+    from classifiers.train import NonFiniteError
+    from envs.core import EnvConfig, PretrainCore
+
+    if where == "concentration":
+        monkeypatch.setattr(BetaMaskPolicy, "head_output", _nan_after(6, BetaMaskPolicy.head_output))
+    elif where == "loss":
+        import envs.core
+
+        poison = _nan_after(6, lambda x: x)
+        original_step = envs.core.supervised_step
+        monkeypatch.setattr(envs.core, "supervised_step",
+                            lambda model, opt, inputs, *a, **k: original_step(model, opt, poison(inputs), *a, **k))
+    else:
+        original = PretrainCore.step
+
+        def step(self, *args, **kwargs):
+            result = original(self, *args, **kwargs)
+            if self.global_step >= 6:
+                result.reward = result.reward * float("nan")
+            return result
+
+        monkeypatch.setattr(PretrainCore, "step", step)
+    env = EnvConfig(dataset="synthrad?n_train=192&n_val=24&n_test=24", batch_size=8, image_size=32, grid=8,
+                    device="cpu")
+    cfg = PretrainConfig(algo="reinforce", env=env, max_steps=20, run_dir=str(tmp_path / "run"), ckpt_every=4)
+    runner = PretrainRunner(cfg)
+    names = {"concentration": "policy concentration alpha", "reward": "reward", "loss": "classifier loss"}
+    with pytest.raises(NonFiniteError, match=names[where]) as exc:
+        runner.run()
+    assert "at step" in str(exc.value)
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    for tensor in state["core"]["classifier"].values():
+        assert torch.isfinite(tensor.float()).all()
+    assert state["core"]["global_step"] == 4
