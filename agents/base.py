@@ -53,6 +53,15 @@ class Agent:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
+    def checkpoint_ready(self) -> bool:
+        """Whether :meth:`state_dict` now holds everything needed to continue exactly.
+
+        Agents that learn from multi-step rollouts (stable-baselines3's) say False mid-rollout: the runner
+        then defers a checkpoint that falls due there, and the agent calls
+        ``runner.save_pending_checkpoint()`` at its next rollout boundary.
+        """
+        return True
+
     def save_extra(self, run_dir) -> None:
         """Write agent-specific files into the run folder at the end (none by default)."""
 

@@ -10,30 +10,24 @@ exactly as the uninterrupted run would have.
 from __future__ import annotations
 
 import dataclasses
-import random
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from agents.base import Agent
 from agents.registry import make_agent
+from classifiers.checkpoint import open_run, rng_state, seed_everything, set_rng_state, write_checkpoint
 from classifiers.data import load_dataset, make_loader
 from classifiers.distributed import all_mean, barrier, init_from_env, is_main, shutdown
 from classifiers.heated import save_heated
-from classifiers.io import load_tensors, save_tensors
 from classifiers.metrics import METRIC_NAMES
-from classifiers.runlog import RunLogger, check_writable, hparams_table, write_json
+from classifiers.runlog import RunLogger, ScalarWindow, hparams_table, write_json
 from classifiers.train import evaluate
 from envs.core import EnvConfig, PretrainCore, StepResult
-
-CHECKPOINT = "checkpoint.pt"
-PREVIOUS = "checkpoint.prev.pt"
 
 
 @dataclass
@@ -82,71 +76,28 @@ class PretrainConfig:
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
 
-def rng_state() -> dict[str, Any]:
-    """Every RNG state a run uses, as tensors and plain values (loadable with ``weights_only=True``)."""
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        "python": random.getstate(),
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    random.setstate(state["python"])
-
-
-def load_checkpoint(run_dir: Path) -> dict[str, Any] | None:
-    """The newest intact checkpoint in ``run_dir`` (None when there is none).
-
-    A damaged ``checkpoint.pt`` is named in a warning and ``checkpoint.prev.pt`` is used instead.
-    """
-    errors = []
-    for name in (CHECKPOINT, PREVIOUS):
-        path = run_dir / name
-        if not path.exists():
-            continue
-        try:
-            state = load_tensors(path)
-            if not isinstance(state, dict) or "core" not in state:
-                raise ValueError(f"{path} is not a pretraining checkpoint")
-            if errors:
-                warnings.warn(f"{errors[0]}; resuming from the previous checkpoint {path}", stacklevel=2)
-            return state
-        except ValueError as exc:
-            errors.append(str(exc))
-    if errors:
-        raise ValueError(" and ".join(errors) + "; no intact checkpoint remains, start the run again")
-    return None
-
-
 class PretrainRunner:
     """Owns a run: builds the environment core and the agent, logs, evaluates, checkpoints."""
 
-    def __init__(self, cfg: PretrainConfig, resume: bool = False) -> None:
+    def __init__(self, cfg: PretrainConfig, resume: bool = False, keep_saved_length: bool = False) -> None:
+        """Args:
+            cfg: the run's configuration. When resuming, the saved configuration is used instead, except
+                ``epochs`` and ``max_steps``, which come from ``cfg`` (so a run can be extended) unless
+                ``keep_saved_length``.
+            resume: continue the run in ``cfg.run_dir`` from its newest intact checkpoint (a fresh start
+                when it has none).
+        """
         cfg.validate()
+        make_agent(cfg.algo, cfg.agent)  # an unknown algo or a bad agent option fails before anything is written
         self.cfg = cfg
         init_from_env(cfg.env.device)
         self.main = is_main()
         self.run_dir = Path(cfg.run_dir or cfg.default_run_dir())
-        if self.main:
-            check_writable(self.run_dir)
-            if not resume and any((self.run_dir / n).exists() for n in (CHECKPOINT, PREVIOUS)):
-                raise ValueError(f"run folder {self.run_dir} already holds a run; pass --resume to continue it "
-                                 "or choose another --run-dir")
-        state = load_checkpoint(self.run_dir) if resume else None
-        if state is None and self.main:
-            for stale in self.run_dir.glob("events.out.tfevents.*"):
-                stale.unlink()  # the logs of a run that died before its first checkpoint
+        state = open_run(self.run_dir, resume, "core", self.main)
         if state is not None:
             saved = PretrainConfig.from_dict(state["config"])
-            saved.epochs, saved.max_steps = cfg.epochs, cfg.max_steps
+            if not keep_saved_length:
+                saved.epochs, saved.max_steps = cfg.epochs, cfg.max_steps
             self.cfg = cfg = saved
         self.agent: Agent = make_agent(cfg.algo, cfg.agent)
         data = load_dataset(cfg.env.dataset, image_size=cfg.env.image_size)
@@ -162,17 +113,13 @@ class PretrainRunner:
             self.logger = RunLogger(self.run_dir, self.main, purge_step=self.core.global_step + 1,
                                     resume_offset=state["metrics_offset"])
         else:
-            torch.manual_seed(cfg.env.seed)
-            random.seed(cfg.env.seed)
-            np.random.seed(cfg.env.seed)
+            seed_everything(cfg.env.seed)
             self.core.reset(seed=cfg.env.seed)
             self.logger = RunLogger(self.run_dir, self.main)
             if self.main:
                 write_json(self.run_dir / "config.json", asdict(cfg))
                 self.logger.text("hyperparameters", hparams_table(self._flat_config()))
-        self._window: dict[str, list[torch.Tensor]] = {}
-        self._window_start = time.perf_counter()
-        self._window_steps = 0
+        self.window = ScalarWindow()
         self.last_val: dict[str, float] = {}
 
     def _flat_config(self) -> dict[str, Any]:
@@ -190,36 +137,45 @@ class PretrainRunner:
                   "reward/mean": result.reward.mean(), "reward/std": result.reward.std(), **scalars}
         if grid is not None:
             values |= {"mask/mean": grid.mean(), "mask/std": grid.std()}
-        for k, v in values.items():
-            self._window.setdefault(k, []).append(torch.as_tensor(v, dtype=torch.float32).detach())
-        self._window_steps += 1
+        self.window.add(values)
         if self.pbar is not None:
             self.pbar.update(1)
         epoch_end = self.core.exhausted
-        if step % self.cfg.log_every == 0 or epoch_end or self.done():
+        checkpoint = epoch_end or self.done() or step % self.cfg.ckpt_every == 0
+        # Logging windows close at every checkpoint, so a resumed run logs exactly what an uninterrupted one does.
+        if step % self.cfg.log_every == 0 or checkpoint:
             self._log_window(step)
         if self.main and grid is not None and step % self.cfg.image_every == 0:
             self._log_images(step, grid)
-        if epoch_end or self.done() or step % self.cfg.ckpt_every == 0:
+        if checkpoint:
             self.core.sync_buffers()
         if epoch_end or self.done():
             self._evaluate(step)
-        if epoch_end or self.done() or step % self.cfg.ckpt_every == 0:
-            self.save_checkpoint()
+        if checkpoint:
+            self.checkpoint_pending = True
+            self.save_pending_checkpoint()
+
+    def save_pending_checkpoint(self, force: bool = False) -> None:
+        """Write the checkpoint that fell due (or, with ``force``, one anyway) if the agent can be resumed exactly
+        from here (:meth:`Agent.checkpoint_ready`); a deferred one closes the logging window first, as every
+        checkpoint does."""
+        if not ((self.checkpoint_pending or force) and self.agent.checkpoint_ready()):
+            return
+        if self.window.steps:
+            self._log_window(self.core.global_step)
+            self.core.sync_buffers()
+        self.save_checkpoint()
 
     def _log_window(self, step: int) -> None:
-        elapsed = time.perf_counter() - self._window_start
-        means = {k: all_mean(torch.stack(v).mean().to(self.core.dev.device)).item()
-                 for k, v in self._window.items()}
-        images = self._window_steps * self.cfg.env.batch_size * self.core.world_size
-        means["perf/images_per_second"] = images / max(elapsed, 1e-9)
+        means = {k: all_mean(v.to(self.core.dev.device)).item() for k, v in self.window.means().items()}
+        images = self.window.steps * self.cfg.env.batch_size * self.core.world_size
+        means["perf/images_per_second"] = images / max(self.window.elapsed(), 1e-9)
         means["train/lr"] = self.core.optimizer.param_groups[0]["lr"]
         means["train/epoch"] = float(self.core.epoch)
         self.logger.scalars(step, means)
         if self.pbar is not None:
             self.pbar.set_postfix(loss=f"{means['train/loss']:.3f}", acc=f"{means['train/accuracy']:.3f}")
-        self._window, self._window_steps = {}, 0
-        self._window_start = time.perf_counter()
+        self.window.reset()
 
     def _log_images(self, step: int, grid: torch.Tensor) -> None:
         n = min(16, grid.shape[0])
@@ -246,10 +202,8 @@ class PretrainRunner:
             "metrics_offset": self.logger.offset(),
         }
         if self.main:
-            path = self.run_dir / CHECKPOINT
-            if path.exists():
-                path.replace(self.run_dir / PREVIOUS)
-            save_tensors(state, path)
+            write_checkpoint(self.run_dir, state)
+        self.checkpoint_pending = False
         barrier()
 
     def run(self) -> Path:
@@ -274,11 +228,13 @@ class PretrainRunner:
         return self.run_dir
 
     pbar: tqdm | None = None
+    checkpoint_pending = False
+    """A checkpoint fell due but the agent was mid-rollout; it is written at the agent's next rollout boundary."""
 
 
-def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
+def pretrain(cfg: PretrainConfig, resume: bool = False, keep_saved_length: bool = False) -> Path:
     """Run (or resume) one pretraining run; return its folder. Under torchrun, leaves the process group."""
     try:
-        return PretrainRunner(cfg, resume=resume).run()
+        return PretrainRunner(cfg, resume=resume, keep_saved_length=keep_saved_length).run()
     finally:
         shutdown()

@@ -63,6 +63,6 @@ def load_tensors(path: str | Path, map_location: str | torch.device = "cpu") -> 
                 "plain values are loaded). Re-save it from trusted code with save_tensors()"
             ) from None
         raise ValueError(f"{path} is damaged or not a checkpoint ({exc}); use an intact copy") from None
-    except (RuntimeError, EOFError, OSError) as exc:
+    except (RuntimeError, EOFError, OSError, KeyError, IndexError) as exc:  # garbage bytes raise any of these
         raise ValueError(f"{path} is damaged or half-written ({type(exc).__name__}: {exc}); "
                          "use an intact copy") from None

@@ -64,9 +64,10 @@ def build_classifier(name: str, num_classes: int, in_channels: int = 1, image_si
     return model
 
 
-def replace_head(model: nn.Module, num_classes: int) -> bool:
-    """Give ``model`` a fresh ``fc`` layer for ``num_classes``; return whether it changed."""
-    if model.fc.out_features == num_classes:
+def replace_head(model: nn.Module, num_classes: int, force: bool = False) -> bool:
+    """Give ``model`` a fresh ``fc`` layer for ``num_classes`` when its class count differs (or ``force``);
+    return whether it changed."""
+    if model.fc.out_features == num_classes and not force:
         return False
     model.fc = nn.Linear(model.fc.in_features, num_classes)
     return True

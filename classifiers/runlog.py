@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,36 @@ def hparams_table(config: dict[str, Any]) -> str:
     """A Markdown table of the configuration, for TensorBoard's text tab."""
     rows = "\n".join(f"|{k}|{v}|" for k, v in sorted(config.items()))
     return f"|param|value|\n|-|-|\n{rows}"
+
+
+class ScalarWindow:
+    """Per-step scalars averaged over a logging window.
+
+    Values stay tensors until :meth:`means`, so recording them does not synchronise the device every step.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new window (and its clock)."""
+        self.values: dict[str, list[torch.Tensor]] = {}
+        self.steps = 0
+        self.start = time.perf_counter()
+
+    def add(self, values: dict[str, float | torch.Tensor]) -> None:
+        """Record one step's scalars."""
+        for k, v in values.items():
+            self.values.setdefault(k, []).append(torch.as_tensor(v, dtype=torch.float32).detach())
+        self.steps += 1
+
+    def means(self) -> dict[str, torch.Tensor]:
+        """The mean of each scalar over the window, as 0-d tensors."""
+        return {k: torch.stack(v).mean() for k, v in self.values.items()}
+
+    def elapsed(self) -> float:
+        """Seconds since the window started."""
+        return time.perf_counter() - self.start
 
 
 class RunLogger:

@@ -24,6 +24,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--algo", default="reinforce", help=f"agent: {', '.join(algo_names())}")
     add_common_arguments(p, default_dataset="synthrad", classifiers=ARCHITECTURES)
+    p.set_defaults(epochs=None)  # 1 for a new run; a resumed run keeps its own length unless told otherwise
     p.add_argument("--grid", type=int, default=16, help="side G of the noise-mask grid")
     p.add_argument("--blur-kernel", type=int, default=13, help="odd Gaussian kernel size of the mask blur")
     p.add_argument("--blur-sigma", type=float, default=6.0, help="Gaussian sigma of the mask blur (pixels)")
@@ -70,13 +71,14 @@ def config_from_args(a: argparse.Namespace) -> PretrainConfig:
                                          "max_grad_norm", "noise_std", "n_steps", "n_epochs", "sb3_batch_size",
                                          "ent_coef", "vf_coef", "gamma", "gae_lambda", "clip_range")}
     return PretrainConfig(algo=a.algo, env=env, agent={k: v for k, v in agent.items() if v is not None},
-                          epochs=a.epochs, max_steps=a.max_steps, run_dir=a.run_dir or "",
+                          epochs=1 if a.epochs is None else a.epochs, max_steps=a.max_steps, run_dir=a.run_dir or "",
                           log_every=a.log_every, image_every=a.image_every, ckpt_every=a.ckpt_every)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    run_dir = pretrain(config_from_args(args), resume=args.resume)
+    keep_length = args.epochs is None and args.max_steps is None
+    run_dir = pretrain(config_from_args(args), resume=args.resume, keep_saved_length=keep_length)
     if launch_rank() == 0:
         print(f"run folder: {run_dir}\nheated model: {run_dir / 'heated.pt'}\n"
               f"TensorBoard: tensorboard --logdir {run_dir.parent}")

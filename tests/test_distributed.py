@@ -40,7 +40,7 @@ def test_two_ranks_pretrain_identically_and_only_rank0_writes(tmp_path: Path) ->
     assert len(events) == 1, names  # one writer: rank 0
     assert {"config.json", "metrics.jsonl", "checkpoint.pt", "heated.pt"} <= set(names)
     steps = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"train/loss"' in line]
-    assert len(steps) == 3  # logged every 2 of 6 steps, once (not once per rank)
+    assert len(steps) == 4  # steps 2, 4, 6 and the checkpoint at 3, once (not once per rank)
 
 
 @pytest.mark.parametrize("global_batch", [8])

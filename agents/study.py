@@ -1,0 +1,451 @@
+"""The comparison study: does pretraining with a noise mask give a better starting point than ordinary training?
+
+For every method, seed and target task:
+
+- a pretraining method (an ``--algo`` name of ``agents.registry``: ``none``, ``uniform-mask``,
+  ``gaussian-noise``, ``reinforce``, ``reinforce-official``, ``ppo``, ...) pretrains a classifier on the
+  pretraining task (``agents.runner.pretrain``; one run per method and seed, shared by every target),
+  and the heated model is fine-tuned on the target (``classifiers.finetune``);
+- ``scratch`` trains a fresh classifier on the target with the same fine-tuning schedule, at
+  ``scratch_lr`` (by default the pretraining rate 0.1: the fine-tuning rate 1e-3 would handicap a random
+  initialisation, and the question scratch answers is whether pretraining helps at all).
+
+A target is a dataset specification, optionally followed by ``@K`` for a few-shot variant with K
+training images per class (``synthrad:unseen@10``). Runs are paired by seed: seed s fixes the
+classifier's initialisation and data order in pretraining, and the head, data order, augmentation
+and few-shot subset in fine-tuning, for every method alike. ``results.md`` therefore reports, beside
+the mean and standard deviation over seeds, the mean over seeds of the paired difference to ``none``
+(ordinary pretraining) with a 95% confidence interval from the t distribution with n - 1 degrees of
+freedom.
+
+The output folder holds ``pretrain/<method>__s<seed>__<key>/`` and
+``finetune/<target>/<method>__s<seed>__<key>/`` run folders, where ``<key>`` is a hash of the run's
+settings, and ``study.json`` (the settings and run list), ``results.csv`` (one row per fine-tuning run),
+``results.md`` and ``results.png``. Rerun with the same settings, the study reuses every finished run
+(``heated.pt`` or ``metrics.json`` present with a matching ``config.json``) and resumes unfinished runs
+from their checkpoints; changed settings make new runs beside the old ones (a change of fine-tuning
+settings alone reuses the pretraining runs).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from agents.registry import AGENTS, algo_names
+from agents.runner import PretrainConfig, pretrain
+from classifiers.finetune import RESUME_FREE, SCRATCH, FinetuneConfig, finetune
+from classifiers.metrics import METRIC_NAMES
+from classifiers.runlog import write_json
+from envs.core import EnvConfig
+
+BASELINE = "none"
+DEFAULT_METHODS = ("none", "uniform-mask", "gaussian-noise", "reinforce", "reinforce-official", SCRATCH)
+PRETRAIN_FREE = ("run_dir", "device", "workers")
+"""Settings that do not change what a pretraining run computes (left out of its key)."""
+
+
+@dataclass
+class StudyConfig:
+    """The comparison study's settings (see the module docstring)."""
+
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    """Pretraining methods (registry names) and ``scratch``."""
+    seeds: tuple[int, ...] = (0, 1, 2)
+    """One paired run of every method per seed."""
+    pretrain_dataset: str = "synthrad"
+    """The pretraining task."""
+    targets: tuple[str, ...] | None = None
+    """Target tasks, ``DATASET`` or ``DATASET@K`` (None: the pretraining task, and for synthrad the unseen task
+    with the same options in full and with ``fewshot_k`` images per class)."""
+    fewshot_k: int = 10
+    """K of the default few-shot target."""
+    classifier: str = "smallcnn"
+    """Classifier architecture."""
+    image_size: int = 64
+    """Image side in pixels, for pretraining and fine-tuning alike."""
+    batch_size: int = 32
+    """Images per step."""
+    grid: int = 16
+    """Noise-mask grid side G."""
+    blur_kernel: int = 13
+    """Mask blur kernel size."""
+    blur_sigma: float = 6.0
+    """Mask blur sigma in pixels."""
+    pretrain_lr: float = 0.1
+    """Pretraining SGD learning rate; StepLR divides it by 10 at each third of the epochs (the paper: 30 of 90)."""
+    pretrain_epochs: int = 10
+    """Pretraining epochs."""
+    pretrain_steps: int | None = None
+    """Stop pretraining after this many steps (None: after ``pretrain_epochs``)."""
+    finetune_epochs: int = 10
+    """Fine-tuning epochs (the paper: 10)."""
+    fewshot_epochs: int | None = None
+    """Fine-tuning epochs on few-shot targets (None: ``finetune_epochs``)."""
+    finetune_lr: float = 1e-3
+    """Fine-tuning learning rate (the paper: 1e-3)."""
+    scratch_lr: float = 0.1
+    """Learning rate of the ``scratch`` baseline."""
+    warmup_epochs: float = 1.0
+    """Fine-tuning warm-up epochs (the paper: 7 of 10)."""
+    device: str = "auto"
+    """auto, cpu or cuda."""
+    workers: int = 0
+    """DataLoader worker processes."""
+    threads: int | None = None
+    """PyTorch CPU threads (None: PyTorch's default, one per core)."""
+    out: str = "runs/study"
+    """Output folder."""
+
+    @classmethod
+    def quick(cls) -> StudyConfig:
+        """The small study ``make demo`` runs, a few minutes on 2 CPU cores: half-size images (so half the grid
+        and blur), a few hundred steps per run, and a fine-tuning rate of 0.01, because a fine-tune of a few
+        dozen steps barely moves at the paper's 1e-3 (meant for 10 epochs of RadImageNet). One CPU thread:
+        32 px batches gain little from a second one, and on a busy machine OpenMP's spinning threads made
+        them about eight times slower (measured: 70 s against 8 s per pretraining run)."""
+        options = "n_val=120&n_test=240"
+        return cls(
+            seeds=(0, 1, 2), pretrain_dataset=f"synthrad?n_train=1280&{options}",
+            targets=(f"synthrad?n_train=1280&{options}", f"synthrad:unseen?n_train=480&{options}",
+                     f"synthrad:unseen?n_train=480&{options}@16"),
+            image_size=32, grid=8, blur_kernel=7, blur_sigma=3.0, pretrain_epochs=3, finetune_epochs=2,
+            fewshot_epochs=10, finetune_lr=0.01, warmup_epochs=0.5, threads=1, out="runs/study-quick",
+        )
+
+    def resolved_targets(self) -> tuple[str, ...]:
+        if self.targets is not None:
+            return tuple(self.targets)
+        base, _, options = self.pretrain_dataset.partition("?")
+        if not base.startswith("synthrad"):
+            return (self.pretrain_dataset, f"{self.pretrain_dataset}@{self.fewshot_k}")
+        unseen = "synthrad:unseen" + (f"?{options}" if options else "")
+        return (self.pretrain_dataset, unseen, f"{unseen}@{self.fewshot_k}")
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the value and the fix before any run starts."""
+        known = set(AGENTS) | {SCRATCH}
+        for m in self.methods:
+            if m not in known:
+                raise ValueError(f"unknown method {m!r}; use any of {', '.join(algo_names())} and {SCRATCH}")
+        if not self.methods:
+            raise ValueError("no methods given; name at least one, e.g. --methods none reinforce")
+        if len(set(self.methods)) != len(self.methods) or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"methods {list(self.methods)} and seeds {list(self.seeds)} must not repeat")
+        if not self.seeds:
+            raise ValueError("no seeds given; name at least one, e.g. --seeds 0 1 2")
+        targets = self.resolved_targets()
+        if not targets or len(set(targets)) != len(targets):
+            raise ValueError(f"targets {list(targets)} must be given once each")
+        for t in targets:
+            parse_target(t)
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads {self.threads} must be at least 1 (or left unset for PyTorch's default)")
+        if self.fewshot_epochs is not None and self.fewshot_epochs < 1:
+            raise ValueError(f"fewshot_epochs {self.fewshot_epochs} must be at least 1")
+        self.pretrain_config("none", self.seeds[0], Path(self.out)).validate()
+        for t in targets:
+            for lr in (self.finetune_lr, self.scratch_lr):
+                replace(self.finetune_config(SCRATCH, t, self.seeds[0]), lr=lr).validate()
+
+    def pretrain_config(self, method: str, seed: int, run_dir: Path) -> PretrainConfig:
+        env = EnvConfig(dataset=self.pretrain_dataset, classifier=self.classifier, batch_size=self.batch_size,
+                        image_size=self.image_size, grid=self.grid, blur_kernel=self.blur_kernel,
+                        blur_sigma=self.blur_sigma, lr=self.pretrain_lr,
+                        lr_step_epochs=max(1, round(self.pretrain_epochs / 3)), seed=seed, device=self.device,
+                        workers=self.workers)
+        return PretrainConfig(algo=method, env=env, epochs=self.pretrain_epochs, max_steps=self.pretrain_steps,
+                              run_dir=str(run_dir))
+
+    def finetune_config(self, init: str, target: str, seed: int) -> FinetuneConfig:
+        """The fine-tuning run of ``init`` (a heated.pt or ``scratch``) on ``target``; its run_dir is left empty.
+
+        Scratch models see the images as the heated models do: for a synthrad pretraining task, grayscale.
+        """
+        dataset, k = parse_target(target)
+        scratch = init == SCRATCH
+        grayscale = scratch and self.pretrain_dataset.startswith("synthrad")
+        return FinetuneConfig(
+            init=init, dataset=dataset, classifier=self.classifier if scratch else None,
+            image_size=self.image_size, channels=1 if grayscale else None,
+            epochs=self.fewshot_epochs if k and self.fewshot_epochs else self.finetune_epochs,
+            lr=self.scratch_lr if scratch else self.finetune_lr, warmup_epochs=self.warmup_epochs,
+            batch_size=self.batch_size, train_per_class=k, seed=seed, device=self.device, workers=self.workers)
+
+
+def parse_target(target: str) -> tuple[str, int | None]:
+    """Split ``DATASET@K`` into the dataset specification and K (None without ``@K``)."""
+    dataset, sep, k = target.rpartition("@")
+    if not sep:
+        return target, None
+    if not k.isdigit() or int(k) < 1:
+        raise ValueError(f"target {target!r}: after '@' comes the number of training images per class "
+                         "(a positive integer), e.g. synthrad:unseen@10")
+    return dataset, int(k)
+
+
+def target_label(target: str) -> str:
+    """A short, readable name for a target: the dataset without its options, and K."""
+    dataset, k = parse_target(target)
+    return dataset.split("?")[0] + (f" (K={k})" if k else "")
+
+
+def target_folder(target: str) -> str:
+    """The target's folder name under ``finetune/``: the dataset without its options, and ``-k<K>``."""
+    dataset, k = parse_target(target)
+    name = "".join(c if c.isalnum() or c in "-_." else "-" for c in dataset.split("?")[0])
+    return name + (f"-k{k}" if k else "")
+
+
+def _key(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def _pretrain_settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """What a pretraining run computes from (its config without the free settings)."""
+    env = {k: v for k, v in cfg["env"].items() if k not in PRETRAIN_FREE}
+    return {k: v for k, v in cfg.items() if k not in PRETRAIN_FREE} | {"env": env}
+
+
+def _finetune_settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """What a fine-tuning run computes from; the heated model is named by its run folder, which holds its key."""
+    init = cfg["init"] if cfg["init"] == SCRATCH else Path(cfg["init"]).parent.name
+    return {k: v for k, v in cfg.items() if k not in RESUME_FREE} | {"init": init}
+
+
+def _saved_settings(run_dir: Path, settings) -> dict[str, Any] | None:
+    try:
+        return settings(json.loads((run_dir / "config.json").read_text()))
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+@dataclass
+class RunRecord:
+    """One run of the study and what became of it in this invocation."""
+
+    stage: str
+    """``pretrain`` or ``finetune``."""
+    method: str
+    seed: int
+    target: str | None
+    run_dir: str
+    status: str = "pending"
+    """``reused`` (finished before), ``resumed`` (continued from a checkpoint) or ``ran`` (started afresh)."""
+    seconds: float = 0.0
+
+
+@dataclass
+class Study:
+    """Runs the study described by a :class:`StudyConfig` and writes its results."""
+
+    cfg: StudyConfig
+    records: list[RunRecord] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.cfg.validate()
+        self.out = Path(self.cfg.out).resolve()
+        self.targets = self.cfg.resolved_targets()
+        self.pretrain_methods = [m for m in self.cfg.methods if m != SCRATCH]
+
+    def pretrain_dir(self, method: str, seed: int) -> Path:
+        settings = _pretrain_settings(asdict(self.cfg.pretrain_config(method, seed, Path())))
+        return self.out / "pretrain" / f"{method}__s{seed}__{_key(settings)}"
+
+    def finetune_run(self, method: str, seed: int, target: str) -> FinetuneConfig:
+        init = SCRATCH if method == SCRATCH else str(self.pretrain_dir(method, seed) / "heated.pt")
+        cfg = self.cfg.finetune_config(init, target, seed)
+        folder = self.out / "finetune" / target_folder(target)
+        cfg.run_dir = str(folder / f"{method}__s{seed}__{_key(_finetune_settings(asdict(cfg)))}")
+        return cfg
+
+    def plan(self) -> list[tuple[RunRecord, Any]]:
+        """Every run in order: pretraining first, then fine-tuning per target, method and seed."""
+        runs = []
+        for method in self.pretrain_methods:
+            for seed in self.cfg.seeds:
+                run_dir = self.pretrain_dir(method, seed)
+                runs.append((RunRecord("pretrain", method, seed, None, str(run_dir)),
+                             self.cfg.pretrain_config(method, seed, run_dir)))
+        for target in self.targets:
+            for method in self.cfg.methods:
+                for seed in self.cfg.seeds:
+                    cfg = self.finetune_run(method, seed, target)
+                    runs.append((RunRecord("finetune", method, seed, target, cfg.run_dir), cfg))
+        return runs
+
+    def run(self) -> list[dict[str, Any]]:
+        """Run (or reuse, or resume) every run; write the results files; return the result rows."""
+        if self.cfg.threads is not None:
+            torch.set_num_threads(self.cfg.threads)
+        plan = self.plan()
+        self.records = [r for r, _ in plan]
+        started = time.perf_counter()
+        for i, (record, cfg) in enumerate(plan, 1):
+            what = f"{record.stage} {record.method} seed {record.seed}" + (
+                f" on {target_label(record.target)}" if record.target else "")
+            t0 = time.perf_counter()
+            record.status = self._run_one(record, cfg)
+            record.seconds = time.perf_counter() - t0
+            print(f"[{i}/{len(plan)}] {what}: {record.status} ({record.seconds:.1f} s) {record.run_dir}", flush=True)
+        rows = self.collect()
+        self.write(rows, time.perf_counter() - started)
+        return rows
+
+    def _run_one(self, record: RunRecord, cfg: PretrainConfig | FinetuneConfig) -> str:
+        run_dir = Path(record.run_dir)
+        if record.stage == "pretrain":
+            done, settings, start = "heated.pt", _pretrain_settings, pretrain
+        else:
+            done, settings, start = "metrics.json", _finetune_settings, finetune
+        saved = _saved_settings(run_dir, settings)
+        if saved is not None and saved != settings(asdict(cfg)):
+            raise ValueError(f"run folder {run_dir} holds a run with other settings than this study's; "
+                             "remove it or choose another --out")
+        if saved is not None and (run_dir / done).exists():
+            return "reused"
+        resumed = (run_dir / "checkpoint.pt").exists() or (run_dir / "checkpoint.prev.pt").exists()
+        start(cfg, resume=True)
+        return "resumed" if resumed else "ran"
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """How many runs of each stage were reused, resumed or ran in this invocation."""
+        out: dict[str, dict[str, int]] = {}
+        for r in self.records:
+            stage = out.setdefault(r.stage, {"reused": 0, "resumed": 0, "ran": 0})
+            stage[r.status] += 1
+        return out
+
+    def collect(self) -> list[dict[str, Any]]:
+        """One row per fine-tuning run: method, seed, target, every metric, the run folders."""
+        rows = []
+        for r in self.records:
+            if r.stage != "finetune":
+                continue
+            m = json.loads((Path(r.run_dir) / "metrics.json").read_text())
+            pre = "" if r.method == SCRATCH else str(self.pretrain_dir(r.method, r.seed))
+            rows.append({"method": r.method, "seed": r.seed, "target": r.target,
+                         **{k: m[k] for k in METRIC_NAMES}, "loss": m["loss"], "split": m["split"],
+                         "head": m["head"], "train_images": m["train_images"], "steps": m["steps"],
+                         "pretrain_dir": pre, "finetune_dir": r.run_dir})
+        return rows
+
+    def write(self, rows: list[dict[str, Any]], seconds: float) -> None:
+        """Write ``study.json``, ``results.csv``, ``results.md`` and ``results.png``."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_json(self.out / "study.json", {"config": asdict(self.cfg), "targets": list(self.targets),
+                                             "counts": self.counts(), "seconds": seconds,
+                                             "runs": [asdict(r) for r in self.records]})
+        with open(self.out / "results.csv", "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        (self.out / "results.md").write_text(results_markdown(rows, self.cfg, self.targets), encoding="utf-8")
+        plot_results(rows, self.cfg.methods, self.targets, self.out / "results.png")
+
+
+def paired_difference(values: np.ndarray, reference: np.ndarray) -> tuple[float, float, float, int]:
+    """Mean of ``values - reference`` (paired by position) and its 95% t-interval; ``(mean, low, high, n)``.
+
+    With one pair the interval is undefined (NaN bounds).
+    """
+    from scipy.stats import t
+
+    diff = np.asarray(values, dtype=float) - np.asarray(reference, dtype=float)
+    n = len(diff)
+    mean = float(diff.mean())
+    if n < 2:
+        return mean, math.nan, math.nan, n
+    half = float(t.ppf(0.975, n - 1) * diff.std(ddof=1) / math.sqrt(n))
+    return mean, mean - half, mean + half, n
+
+
+def _by(rows: list[dict[str, Any]], method: str, target: str, metric: str) -> dict[int, float]:
+    return {r["seed"]: float(r[metric]) for r in rows if r["method"] == method and r["target"] == target}
+
+
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
+
+
+def results_markdown(rows: list[dict[str, Any]], cfg: StudyConfig, targets: tuple[str, ...]) -> str:
+    """The results table: mean ± standard deviation per method and target, then paired differences to ``none``."""
+    methods = [m for m in cfg.methods if any(r["method"] == m for r in rows)]
+    n = len(cfg.seeds)
+    pre = f"{cfg.pretrain_steps} steps" if cfg.pretrain_steps else f"{cfg.pretrain_epochs} epochs"
+    fewshot = f" ({cfg.fewshot_epochs} on few-shot targets)" if cfg.fewshot_epochs else ""
+    setting = (
+        f"Pretraining on `{cfg.pretrain_dataset}` ({cfg.classifier}, {cfg.image_size} px, {pre}, lr {cfg.pretrain_lr}, "
+        f"grid {cfg.grid}, blur {cfg.blur_kernel}/{cfg.blur_sigma}); fine-tuning on clean images for "
+        f"{cfg.finetune_epochs} epochs{fewshot} at lr {cfg.finetune_lr} (scratch: {cfg.scratch_lr}), "
+        f"{cfg.warmup_epochs} warm-up epochs, batch {cfg.batch_size}. Seeds {list(cfg.seeds)} (n = {n} per cell). "
+        "Metrics on each target's test split (val where it has none)."
+    )
+    lines = ["# Comparison study", "", setting, "", "Cells: mean ± sample standard deviation over seeds.", ""]
+    twins = ("balanced_accuracy", "macro_recall")
+    if all(math.isclose(r["accuracy"], r[k], abs_tol=1e-9) for r in rows for k in twins):
+        lines += ["The test splits are class-balanced, so accuracy, balanced accuracy and macro recall coincide.", ""]
+    header = "| method | n | " + " | ".join(METRIC_NAMES) + " |"
+    rule = "|---|---|" + "---|" * len(METRIC_NAMES)
+    for target in targets:
+        lines += [f"## {target_label(target)}", "", f"`{target}`", "", header, rule]
+        for m in methods:
+            cells = [_mean_std(list(_by(rows, m, target, k).values())) for k in METRIC_NAMES]
+            lines.append(f"| {m} | {len(_by(rows, m, target, METRIC_NAMES[0]))} | " + " | ".join(cells) + " |")
+        lines.append("")
+        if BASELINE in methods and len(methods) > 1:
+            lines += [f"Paired difference to `{BASELINE}` (method - {BASELINE}, same seed): mean over seeds "
+                      "[95% confidence interval, t distribution with n - 1 degrees of freedom].", "", header, rule]
+            for m in methods:
+                if m == BASELINE:
+                    continue
+                cells = []
+                for k in METRIC_NAMES:
+                    ref, val = _by(rows, BASELINE, target, k), _by(rows, m, target, k)
+                    seeds = sorted(set(ref) & set(val))
+                    mean, low, high, pairs = paired_difference([val[s] for s in seeds], [ref[s] for s in seeds])
+                    cells.append(f"{mean:+.4f}" + ("" if math.isnan(low) else f" [{low:+.4f}, {high:+.4f}]"))
+                lines.append(f"| {m} | {pairs} | " + " | ".join(cells) + " |")
+            lines.append("")
+    if n < 2:
+        lines += ["With one seed there is no spread and no confidence interval; run more seeds.", ""]
+    return "\n".join(lines)
+
+
+def plot_results(rows: list[dict[str, Any]], methods: tuple[str, ...], targets: tuple[str, ...], path: Path) -> None:
+    """One panel per metric: a bar per method within each target, mean over seeds with ± one standard deviation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in methods if any(r["method"] == m for r in rows)]
+    fig, axes = plt.subplots(2, 3, figsize=(max(12, 2.2 * len(targets) * 3), 7), squeeze=False)
+    width = 0.8 / len(methods)
+    x = np.arange(len(targets))
+    for ax, metric in zip(axes.flat, METRIC_NAMES):
+        for j, m in enumerate(methods):
+            vals = [list(_by(rows, m, t, metric).values()) for t in targets]
+            means = [np.mean(v) for v in vals]
+            stds = [np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in vals]
+            ax.bar(x + (j - (len(methods) - 1) / 2) * width, means, width, yerr=stds, capsize=2, label=m)
+        ax.set_title(metric)
+        ax.set_xticks(x, [target_label(t) for t in targets], fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(methods), fontsize=8)
+    fig.suptitle("Fine-tuned on each target: mean over seeds, error bars ± 1 standard deviation")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,369 @@
+"""Fine-tuning: a heated model (or a fresh classifier, ``init="scratch"``) trained on clean images of a target task.
+
+This is the paper's second stage. Nothing here knows about masks or policies: the heated-model file
+names the architecture, class count, channels and image size, and the target's images are converted
+to that channel count and size, so a grayscale 64 px heated model fine-tunes on a folder of colour
+JPEGs of any size. The classification layer is replaced when the target's class count differs from
+the heated model's (or when ``new_head`` asks), and kept otherwise.
+
+Recipe. The reference code fine-tunes with torchvision's classification reference: SGD with momentum
+0.9 and weight decay 1e-4, lr 1e-3, a linear warm-up (7 of 10 epochs), then a StepLR(30) that never
+fires in 10 epochs, i.e. a constant rate. We keep SGD with momentum rather than Adam: the paper's
+figures come from it, and with one optimiser for every method the comparison changes only the
+initialisation. The warm-up is per step, not per epoch, so short runs warm up smoothly: step ``t``
+of the first ``W = round(warmup_epochs * steps_per_epoch)`` steps uses ``lr * (s + (1 - s) * t / W)``
+with ``s = WARMUP_START`` (torchvision's default start factor); afterwards the rate stays at ``lr``
+(``schedule="constant"``, the paper's) or follows a half cosine from ``lr`` towards 0 over the
+remaining steps (``schedule="cosine"``). The default warm-up is one epoch, because the paper's 7
+would leave a short run warming up all the way; pass ``warmup_epochs=7, epochs=10`` for the paper's.
+
+The run folder holds ``config.json``, TensorBoard events and ``metrics.jsonl`` (``train/*`` every
+``log_every`` steps, ``val/*`` after every epoch, and the final evaluation under ``<split>/*``),
+``checkpoint.pt`` / ``checkpoint.prev.pt`` (atomic; every ``ckpt_every`` steps and at every epoch end;
+model, optimiser, data position, RNG states and the metrics.jsonl offset, so a run killed at any point
+and resumed ends with the weights and metrics of an uninterrupted one), ``model.pt`` (the fine-tuned
+classifier in the heated-model format) and ``metrics.json`` (the paper's metrics and the confusion
+matrix on the test split, or the validation split when there is no test split), written last.
+The final model is the one after the last epoch; no checkpoint is selected on the evaluation split.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from classifiers.checkpoint import open_run, rng_state, seed_everything, set_rng_state, write_checkpoint
+from classifiers.data import DataSpec, load_dataset, make_loader
+from classifiers.distributed import all_mean, barrier, init_from_env, is_distributed, is_main, rank
+from classifiers.heated import load_heated, save_heated
+from classifiers.metrics import METRIC_NAMES
+from classifiers.models import ARCHITECTURES, build_classifier, replace_head
+from classifiers.runlog import RunLogger, ScalarWindow, hparams_table, write_json
+from classifiers.train import DevicePolicy, Normalizer, evaluate, resolve_device, supervised_step
+
+SCRATCH = "scratch"
+SCHEDULES = ("constant", "cosine")
+WARMUP_START = 0.01
+"""The warm-up's first learning rate, as a fraction of ``lr`` (torchvision's ``lr_warmup_decay``)."""
+RESUME_FREE = ("device", "workers", "run_dir")
+"""Settings a resumed run may change: they do not change what is computed."""
+
+
+@dataclass
+class FinetuneConfig:
+    """A fine-tuning run: where the weights start, the target data, the schedule and the bookkeeping."""
+
+    init: str = SCRATCH
+    """A heated-model file (``heated.pt`` of a pretraining run, or a ``model.pt``), or ``scratch``."""
+    dataset: str = "synthrad:unseen"
+    """Target dataset specification (see ``classifiers.data``)."""
+    classifier: str | None = None
+    """Architecture for ``scratch`` (None: smallcnn); with a heated model it must match the file's, if given."""
+    image_size: int | None = None
+    """Image side in pixels (None: the heated model's; for scratch, the data's own)."""
+    channels: int | None = None
+    """Scratch only: convert images to this many channels (None: the data's own). A heated model sets it."""
+    new_head: bool = False
+    """Replace the classification layer even when the class count matches (a different task of as many classes)."""
+    epochs: int = 10
+    """Passes over the (few-shot) training set (the paper: 10)."""
+    lr: float = 1e-3
+    """Peak learning rate (the paper: 1e-3)."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    weight_decay: float = 1e-4
+    """SGD weight decay."""
+    warmup_epochs: float = 1.0
+    """Epochs of per-step linear warm-up from ``WARMUP_START * lr`` to ``lr`` (the paper: 7 of 10)."""
+    schedule: str = "constant"
+    """After the warm-up: ``constant`` (the paper's) or ``cosine`` (half cosine towards 0)."""
+    batch_size: int = 32
+    """Images per step (per process); lowered to the training set's size when that is smaller."""
+    train_per_class: int | None = None
+    """Few-shot: keep at most this many training images per class, chosen by ``seed`` (None: all)."""
+    seed: int = 0
+    """Seeds a new head or scratch model, the data order, the augmentation and the few-shot subset."""
+    device: str = "auto"
+    """auto, cpu or cuda."""
+    workers: int = 0
+    """DataLoader worker processes."""
+    run_dir: str = ""
+    """Run folder (empty: ``runs/finetune__<init>__<dataset>__s<seed>__<time>``)."""
+    log_every: int = 10
+    """Steps between training-scalar logs."""
+    ckpt_every: int = 100
+    """Steps between checkpoints (also written at every epoch end)."""
+    eval_batch_size: int = 256
+    """Batch size of the evaluation passes."""
+
+    @property
+    def scratch(self) -> bool:
+        return self.init == SCRATCH
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the value and the fix for any setting that cannot work."""
+        if not self.scratch and not Path(self.init).is_file():
+            raise ValueError(f"--init {self.init}: no such file; give the heated.pt a pretraining run wrote "
+                             "(scripts/pretrain.py) or 'scratch'")
+        if self.classifier is not None and self.classifier not in ARCHITECTURES:
+            raise ValueError(f"unknown classifier {self.classifier!r}; use one of {', '.join(ARCHITECTURES)}")
+        if self.channels is not None and self.channels not in (1, 3):
+            raise ValueError(f"channels {self.channels} must be 1 (grayscale) or 3 (colour)")
+        if self.image_size is not None and self.image_size < 8:
+            raise ValueError(f"image size {self.image_size} is too small; use 8 or more")
+        if self.epochs < 1:
+            raise ValueError(f"epochs {self.epochs} must be at least 1")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"learning rate {self.lr} must be a positive number (the paper fine-tunes with 1e-3)")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum {self.momentum} must lie in [0, 1)")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight decay {self.weight_decay} must be 0 or more")
+        if not (self.warmup_epochs >= 0 and math.isfinite(self.warmup_epochs)):
+            raise ValueError(f"warm-up epochs {self.warmup_epochs} must be 0 or more")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
+        if self.train_per_class is not None and self.train_per_class < 1:
+            raise ValueError(f"train_per_class {self.train_per_class} must be at least 1 (or None for all images)")
+        if self.workers < 0:
+            raise ValueError(f"workers {self.workers} must be 0 or more")
+        for name in ("batch_size", "log_every", "ckpt_every", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} {getattr(self, name)} must be at least 1")
+
+    def default_run_dir(self) -> str:
+        start = f"scratch-{self.classifier or 'smallcnn'}" if self.scratch else Path(self.init).resolve().parent.name
+        data = self.dataset.split("?")[0].replace(":", "-").replace("/", "_")
+        shots = f"-k{self.train_per_class}" if self.train_per_class else ""
+        return str(Path("runs") / f"finetune__{start}__{data}{shots}__s{self.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FinetuneConfig:
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
+def lr_at(step: int, lr: float, warmup_steps: int, total_steps: int, schedule: str = "constant") -> float:
+    """The learning rate of the 0-based ``step``: linear warm-up, then constant or half-cosine (see the module)."""
+    if step < warmup_steps:
+        return lr * (WARMUP_START + (1.0 - WARMUP_START) * step / warmup_steps)
+    if schedule == "cosine":
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return lr
+
+
+def initial_model(cfg: FinetuneConfig) -> tuple[nn.Module | None, dict[str, Any]]:
+    """The model fine-tuning starts from, and what the data must be converted to.
+
+    Returns the model and ``{"arch", "num_classes", "in_channels", "image_size", "class_names"}``; for
+    scratch the model is None (it is built once the data is known) and the sizes are the config's.
+    """
+    if cfg.scratch:
+        return None, {"arch": cfg.classifier or "smallcnn", "num_classes": None, "in_channels": cfg.channels,
+                      "image_size": cfg.image_size, "class_names": []}
+    model, info = load_heated(cfg.init)
+    if cfg.classifier is not None and cfg.classifier != info["arch"]:
+        raise ValueError(f"--init {cfg.init} holds a {info['arch']} but --classifier {cfg.classifier} was asked for; "
+                         f"drop --classifier or give a {cfg.classifier} heated model")
+    if cfg.channels is not None and cfg.channels != info["in_channels"]:
+        raise ValueError(f"--init {cfg.init} takes {info['in_channels']}-channel images but channels={cfg.channels} "
+                         "was asked for; the heated model decides the channels, drop the option")
+    return model, info
+
+
+def fit_head(model: nn.Module | None, info: dict[str, Any], data: DataSpec, cfg: FinetuneConfig
+             ) -> tuple[nn.Module, str]:
+    """Build the scratch model, or fit the heated model's head to the target; return it and ``new``, ``replaced``
+    or ``kept``."""
+    torch.manual_seed(cfg.seed)
+    if model is None:
+        model = build_classifier(info["arch"], data.num_classes, data.in_channels, data.image_size)
+        return model, "new"
+    if replace_head(model, data.num_classes, force=cfg.new_head):
+        return model, "replaced"
+    if info["class_names"] and info["class_names"] != data.class_names:
+        warnings.warn(f"the heated model's head is kept (both have {data.num_classes} classes) although the class "
+                      f"names differ ({info['class_names'][:3]}... vs {data.class_names[:3]}...); pass --new-head "
+                      "if the target is another task", stacklevel=2)
+    return model, "kept"
+
+
+class Finetuner:
+    """Owns a fine-tuning run: model, data, optimiser, logs and checkpoints. See the module docstring."""
+
+    def __init__(self, cfg: FinetuneConfig, resume: bool = False) -> None:
+        cfg.validate()
+        init_from_env(cfg.device)
+        self.main = is_main()
+        self.run_dir = Path(cfg.run_dir or cfg.default_run_dir())
+        start, info = initial_model(cfg)
+        state = open_run(self.run_dir, resume, "model", self.main)
+        if state is not None:
+            _check_same_config(FinetuneConfig.from_dict(state["config"]), cfg, self.run_dir)
+        self.cfg = cfg
+        self.dev = DevicePolicy(resolve_device(cfg.device))
+        self.data = load_dataset(cfg.dataset, image_size=cfg.image_size or info["image_size"],
+                                 channels=info["in_channels"], train_per_class=cfg.train_per_class, seed=cfg.seed)
+        model, self.head = fit_head(start, info, self.data, cfg)
+        self.arch = info["arch"]
+        self.arch_image_size = info["image_size"] or self.data.image_size
+        self.model = self.dev.prepare(model)
+        self.net: nn.Module = self.model
+        if is_distributed():
+            ids = [self.dev.device.index] if self.dev.cuda else None
+            self.net = DistributedDataParallel(self.model, device_ids=ids)
+        world = dist.get_world_size() if is_distributed() else 1
+        n_train = len(self.data.splits["train"])
+        self.batch_size = max(1, min(cfg.batch_size, n_train // world))
+        if self.batch_size < cfg.batch_size and self.main:
+            warnings.warn(f"the training set of {self.data.name} has {n_train} images; batch size lowered from "
+                          f"{cfg.batch_size} to {self.batch_size}", stacklevel=2)
+        self.world = world
+        self.loader = make_loader(self.data, "train", self.batch_size, train=True, seed=cfg.seed, workers=cfg.workers,
+                                  pin_memory=self.dev.cuda, rank=rank(), num_replicas=world)
+        self.val_loader = make_loader(self.data, "val", cfg.eval_batch_size, train=False)
+        self.eval_split = self.data.eval_split
+        self.eval_loader = (self.val_loader if self.eval_split == "val"
+                            else make_loader(self.data, self.eval_split, cfg.eval_batch_size, train=False))
+        self.steps_per_epoch = len(self.loader)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.warmup_steps = min(self.total_steps, round(cfg.warmup_epochs * self.steps_per_epoch))
+        self.normalizer = Normalizer()
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                         weight_decay=cfg.weight_decay)
+        self.global_step, self.epoch, self.step_in_epoch = 0, 0, 0
+        if state is not None:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.global_step, self.epoch = state["global_step"], state["epoch"]
+            self.step_in_epoch = state["step_in_epoch"]
+            set_rng_state(state["rng"])
+            self.logger = RunLogger(self.run_dir, self.main, purge_step=self.global_step + 1,
+                                    resume_offset=state["metrics_offset"])
+        else:
+            seed_everything(cfg.seed)
+            self.logger = RunLogger(self.run_dir, self.main)
+            if self.main:
+                write_json(self.run_dir / "config.json", asdict(cfg))
+                self.logger.text("hyperparameters", hparams_table(
+                    asdict(cfg) | {"head": self.head, "arch": self.arch, "train_images": n_train,
+                                   "effective_batch_size": self.batch_size * world}))
+        self.window = ScalarWindow()
+        self.pbar: tqdm | None = None
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """One SGD step on a clean batch at the scheduled learning rate; log, checkpoint."""
+        lr = lr_at(self.global_step, self.cfg.lr, self.warmup_steps, self.total_steps, self.cfg.schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        images, labels = self.dev.batch(images, labels)
+        loss, logits = supervised_step(self.net, self.optimizer, self.normalizer(images), labels, self.dev,
+                                       step=self.global_step + 1)
+        self.global_step += 1
+        self.step_in_epoch += 1
+        self.window.add({"train/loss": loss.mean(), "train/accuracy": (logits.argmax(1) == labels).float().mean(),
+                         "train/lr": lr})
+        if self.pbar is not None:
+            self.pbar.update(1)
+        checkpoint = self.global_step % self.cfg.ckpt_every == 0 and self.step_in_epoch < self.steps_per_epoch
+        # Windows close at every checkpoint, so a resumed run logs what an uninterrupted one does.
+        if self.global_step % self.cfg.log_every == 0 or checkpoint or self.step_in_epoch == self.steps_per_epoch:
+            self.log_window()
+        if checkpoint:
+            self.save_checkpoint()
+
+    def log_window(self) -> None:
+        means = {k: all_mean(v.to(self.dev.device)).item() for k, v in self.window.means().items()}
+        means["perf/images_per_second"] = self.window.steps * self.batch_size * self.world / max(
+            self.window.elapsed(), 1e-9)
+        means["train/epoch"] = float(self.epoch)
+        self.logger.scalars(self.global_step, means)
+        if self.pbar is not None:
+            self.pbar.set_postfix(loss=f"{means['train/loss']:.3f}", acc=f"{means['train/accuracy']:.3f}")
+        self.window.reset()
+
+    def evaluate_split(self, split: str) -> dict[str, Any]:
+        """The paper's metrics on ``split`` (main process only), logged under ``<split>/``."""
+        loader = self.val_loader if split == "val" else self.eval_loader
+        metrics = evaluate(self.model, loader, self.dev, self.normalizer)
+        self.logger.scalars(self.global_step, {f"{split}/{k}": float(metrics[k]) for k in ("loss", *METRIC_NAMES)})
+        return metrics
+
+    def save_checkpoint(self) -> None:
+        """Write ``checkpoint.pt`` atomically (the previous one is kept as ``checkpoint.prev.pt``)."""
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "global_step": self.global_step,
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "rng": rng_state(),
+            "config": asdict(self.cfg),
+            "metrics_offset": self.logger.offset(),
+        }
+        if self.main:
+            write_checkpoint(self.run_dir, state)
+        barrier()
+
+    def run(self) -> Path:
+        """Train to the end; write ``model.pt`` and then ``metrics.json``; return the run folder."""
+        self.pbar = tqdm(total=self.total_steps, initial=self.global_step, disable=not self.main,
+                         desc=f"finetune {Path(self.cfg.init).parent.name or self.cfg.init}", unit="step",
+                         dynamic_ncols=True)
+        try:
+            while self.epoch < self.cfg.epochs:
+                self.loader.sampler.set_epoch(self.epoch, self.step_in_epoch * self.batch_size)
+                for images, labels in self.loader:
+                    self.train_step(images, labels)
+                if self.main:
+                    self.evaluate_split("val")
+                barrier()
+                self.epoch, self.step_in_epoch = self.epoch + 1, 0
+                self.save_checkpoint()
+            if self.main:
+                self.finish()
+        finally:
+            self.pbar.close()
+            self.pbar = None
+            self.logger.close()
+        barrier()
+        return self.run_dir
+
+    def finish(self) -> None:
+        """Evaluate on the test split (val when there is none; its scalars were logged at the last epoch end)."""
+        if self.eval_split == "val":
+            metrics = evaluate(self.model, self.val_loader, self.dev, self.normalizer)
+        else:
+            metrics = self.evaluate_split(self.eval_split)
+        save_heated(self.run_dir / "model.pt", self.model, self.arch, self.data.num_classes, self.data.in_channels,
+                    self.arch_image_size, self.data.class_names,
+                    meta={"init": self.cfg.init, "dataset": self.cfg.dataset, "steps": self.global_step,
+                          "image_size": self.data.image_size})
+        write_json(self.run_dir / "metrics.json", {
+            **metrics, "split": self.eval_split, "num_images": len(self.data.splits[self.eval_split]),
+            "class_names": self.data.class_names, "head": self.head, "init": self.cfg.init,
+            "dataset": self.data.name, "train_images": len(self.data.splits["train"]), "steps": self.global_step,
+        })
+
+
+def _check_same_config(saved: FinetuneConfig, given: FinetuneConfig, run_dir: Path) -> None:
+    diffs = [f"{f.name}={getattr(saved, f.name)!r} (now {getattr(given, f.name)!r})" for f in fields(FinetuneConfig)
+             if f.name not in RESUME_FREE and getattr(saved, f.name) != getattr(given, f.name)]
+    if diffs:
+        raise ValueError(f"run folder {run_dir} was started with {', '.join(diffs)}; resume with the same settings "
+                         "(see its config.json) or choose another --run-dir")
+
+
+def finetune(cfg: FinetuneConfig, resume: bool = False) -> Path:
+    """Run (or resume) one fine-tuning run; return its folder (``metrics.json`` holds the results)."""
+    return Finetuner(cfg, resume=resume).run()

@@ -1,0 +1,84 @@
+#!/usr/bin/env python
+"""The comparison study: pretrain with each method, fine-tune on each target, compare with ordinary training.
+
+    python scripts/compare.py --quick                 # the small study `make demo` runs (minutes on a CPU)
+    python scripts/compare.py --seeds 0 1 2 --methods none uniform-mask reinforce scratch
+    python scripts/compare.py --targets synthrad:unseen synthrad:unseen@10 --pretrain-epochs 30 --device cuda
+    python scripts/compare.py --methods none reinforce ppo --pretrain-dataset imagefolder:/data/radimagenet \\
+        --targets imagefolder:/data/target imagefolder:/data/target@20 --classifier resnet18
+
+A target is a dataset specification, with @K for K training images per class. --quick sets a small
+preset; options given beside it override the preset. Rerunning with the same settings reuses finished
+runs and resumes interrupted ones. Writes results.csv, results.md and results.png into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+
+from agents.registry import algo_names
+from agents.study import Study, StudyConfig
+from classifiers.cli import fail_cleanly
+from classifiers.finetune import SCRATCH
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    d = StudyConfig()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="the small preset `make demo` runs")
+    p.add_argument("--methods", nargs="+", help=f"any of {', '.join(algo_names())}, {SCRATCH} "
+                   f"(default: {' '.join(d.methods)})")
+    p.add_argument("--seeds", nargs="+", type=int, help=f"paired seeds (default: {' '.join(map(str, d.seeds))})")
+    p.add_argument("--pretrain-dataset", help=f"the pretraining task (default: {d.pretrain_dataset})")
+    p.add_argument("--targets", nargs="+", help="target tasks, DATASET or DATASET@K (default: the pretraining "
+                   f"task, synthrad:unseen and synthrad:unseen@{d.fewshot_k})")
+    p.add_argument("--fewshot-k", type=int, help=f"K of the default few-shot target (default: {d.fewshot_k})")
+    p.add_argument("--out", help=f"output folder (default: {d.out}; with --quick: {StudyConfig.quick().out})")
+    p.add_argument("--classifier", help=f"classifier architecture (default: {d.classifier})")
+    p.add_argument("--image-size", type=int, help=f"image side in pixels (default: {d.image_size})")
+    p.add_argument("--batch-size", type=int, help=f"images per step (default: {d.batch_size})")
+    p.add_argument("--grid", type=int, help=f"noise-mask grid side (default: {d.grid})")
+    p.add_argument("--blur-kernel", type=int, help=f"mask blur kernel (default: {d.blur_kernel})")
+    p.add_argument("--blur-sigma", type=float, help=f"mask blur sigma (default: {d.blur_sigma})")
+    p.add_argument("--pretrain-lr", type=float, help=f"pretraining learning rate (default: {d.pretrain_lr})")
+    p.add_argument("--pretrain-epochs", type=int, help=f"pretraining epochs (default: {d.pretrain_epochs})")
+    p.add_argument("--pretrain-steps", type=int, help="stop pretraining after this many steps")
+    p.add_argument("--finetune-epochs", type=int, help=f"fine-tuning epochs (default: {d.finetune_epochs})")
+    p.add_argument("--fewshot-epochs", type=int, help="fine-tuning epochs on few-shot targets "
+                   "(default: --finetune-epochs)")
+    p.add_argument("--finetune-lr", type=float, help=f"fine-tuning learning rate (default: {d.finetune_lr})")
+    p.add_argument("--scratch-lr", type=float, help=f"learning rate of the scratch baseline (default: {d.scratch_lr})")
+    p.add_argument("--warmup-epochs", type=float, help=f"fine-tuning warm-up epochs (default: {d.warmup_epochs})")
+    p.add_argument("--device", help=f"auto, cpu or cuda (default: {d.device})")
+    p.add_argument("--workers", type=int, help=f"data-loading worker processes (default: {d.workers})")
+    p.add_argument("--threads", type=int, help="PyTorch CPU threads (default: one per core; --quick: 1)")
+    return p.parse_args(argv)
+
+
+def config_from_args(a: argparse.Namespace) -> StudyConfig:
+    """The preset (--quick or the defaults) with every option given on the command line laid over it."""
+    cfg = StudyConfig.quick() if a.quick else StudyConfig()
+    for f in fields(StudyConfig):
+        value = getattr(a, f.name, None)
+        if value is not None:
+            setattr(cfg, f.name, tuple(value) if isinstance(value, list) else value)
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    study = Study(config_from_args(parse_args(argv)))
+    study.run()
+    counts = study.counts()
+    print()
+    print((study.out / "results.md").read_text())
+    print("runs: " + "; ".join(f"{stage} " + ", ".join(f"{v} {k}" for k, v in c.items())
+                               for stage, c in counts.items()))
+    print(f"results: {study.out / 'results.csv'}, {study.out / 'results.md'}, {study.out / 'results.png'}")
+    print(f"TensorBoard: tensorboard --logdir {study.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(fail_cleanly(main))

@@ -1,0 +1,74 @@
+#!/usr/bin/env python
+"""Fine-tune a heated model (or a fresh classifier) on clean images of a target task; report the paper's metrics.
+
+    python scripts/finetune.py --init runs/<run>/heated.pt --dataset synthrad:unseen --epochs 1
+    python scripts/finetune.py --init runs/<run>/heated.pt --dataset synthrad:unseen --train-per-class 10
+    python scripts/finetune.py --init scratch --classifier resnet18 --dataset imagefolder:/data/target
+    python scripts/finetune.py --init runs/<run>/heated.pt --epochs 10 --warmup-epochs 7   # the paper's recipe
+    torchrun --nproc_per_node=4 scripts/finetune.py --init runs/<run>/heated.pt ...           # several GPUs
+
+The images are converted to the heated model's channel count and (unless --image-size says otherwise) size.
+--classifier and --channels are for --init scratch (--image-size default: the data's own). The run folder
+gets model.pt and metrics.json (test split, val when there is none). Resume an interrupted run by
+repeating its command with --resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from classifiers.cli import add_common_arguments, fail_cleanly
+from classifiers.distributed import is_main
+from classifiers.finetune import SCHEDULES, FinetuneConfig, finetune
+from classifiers.metrics import METRIC_NAMES
+from classifiers.models import ARCHITECTURES
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--init", required=True, help="a heated.pt (or model.pt) file, or 'scratch'")
+    add_common_arguments(p, default_dataset="synthrad:unseen", classifiers=ARCHITECTURES)
+    p.set_defaults(classifier=None, image_size=None, epochs=10)
+    p.add_argument("--channels", type=int, default=None, choices=(1, 3), help="scratch: image channels")
+    p.add_argument("--new-head", action="store_true", help="replace the head even when the class count matches")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak SGD learning rate (the paper: 1e-3)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
+    p.add_argument("--warmup-epochs", type=float, default=1.0, help="epochs of per-step linear warm-up "
+                   "(the paper: 7 of 10)")
+    p.add_argument("--schedule", choices=SCHEDULES, default="constant", help="learning rate after the warm-up")
+    p.add_argument("--train-per-class", type=int, default=None, help="few-shot: K training images per class")
+    p.add_argument("--log-every", type=int, default=10, help="steps between scalar logs")
+    p.add_argument("--ckpt-every", type=int, default=100, help="steps between checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
+    return p.parse_args(argv)
+
+
+def config_from_args(a: argparse.Namespace) -> FinetuneConfig:
+    return FinetuneConfig(
+        init=a.init, dataset=a.dataset, classifier=a.classifier, image_size=a.image_size, channels=a.channels,
+        new_head=a.new_head, epochs=a.epochs, lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay,
+        warmup_epochs=a.warmup_epochs, schedule=a.schedule, batch_size=a.batch_size,
+        train_per_class=a.train_per_class, seed=a.seed, device=a.device, workers=a.workers,
+        run_dir=a.run_dir or "", log_every=a.log_every, ckpt_every=a.ckpt_every)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.resume and not args.run_dir:
+        raise ValueError("--resume needs the --run-dir of the run to continue")
+    run_dir = finetune(config_from_args(args), resume=args.resume)
+    if not is_main():
+        return 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    print(f"{metrics['split']} split ({metrics['num_images']} images, head {metrics['head']}): "
+          + ", ".join(f"{k} {metrics[k]:.4f}" for k in METRIC_NAMES))
+    print(f"run folder: {run_dir}\nmodel: {run_dir / 'model.pt'}\nmetrics: {run_dir / 'metrics.json'}\n"
+          f"TensorBoard: tensorboard --logdir {run_dir.parent}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(fail_cleanly(main))

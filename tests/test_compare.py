@@ -1,0 +1,137 @@
+"""The comparison study: results files with the expected rows, reuse of finished runs, resumption, statistics."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from agents.study import Study, StudyConfig, paired_difference, parse_target
+from classifiers.finetune import Finetuner
+from classifiers.metrics import METRIC_NAMES
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+ROOT = Path(__file__).resolve().parents[1]
+PRETRAIN = "synthrad?n_train=96&n_val=24&n_test=24"
+"""12 classes x 8 training images."""
+UNSEEN = "synthrad:unseen?n_train=48&n_val=24&n_test=24"
+"""6 classes x 8 training images."""
+TINY = ["--image-size", "16", "--grid", "4", "--blur-kernel", "3", "--blur-sigma", "1", "--batch-size", "8",
+        "--pretrain-steps", "3", "--finetune-epochs", "1", "--fewshot-epochs", "2", "--device", "cpu"]
+
+
+def compare_script():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import compare
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    return compare
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_quick_study_at_a_tiny_size_writes_all_three_files(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "study"
+    argv = ["--quick", "--methods", "none", "reinforce", "scratch", "--seeds", "0", "1", "--pretrain-dataset",
+            PRETRAIN, "--targets", PRETRAIN, f"{UNSEEN}@4", "--out", str(out), *TINY]
+    assert compare_script().main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "# Comparison study" in printed and f"tensorboard --logdir {out}" in printed
+
+    rows = read_csv(out / "results.csv")
+    assert len(rows) == 3 * 2 * 2
+    assert {(r["method"], r["seed"], r["target"]) for r in rows} == {
+        (m, s, t) for m in ("none", "reinforce", "scratch") for s in ("0", "1") for t in (PRETRAIN, f"{UNSEEN}@4")}
+    for r in rows:
+        assert all(0.0 <= float(r[k]) <= 1.0 for k in METRIC_NAMES)
+        assert Path(r["finetune_dir"], "metrics.json").is_file()
+        assert (r["pretrain_dir"] == "") == (r["method"] == "scratch")
+        few = r["target"].endswith("@4")
+        assert int(r["train_images"]) == (6 * 4 if few else 96)
+        assert r["head"] == {"scratch": "new"}.get(r["method"], "replaced" if few else "kept")
+
+    md = (out / "results.md").read_text()
+    assert md.count("Paired difference to `none`") == 2 and "n = 2" in md
+    for line in ("| none | 2 |", "| reinforce | 2 |", "| scratch | 2 |"):
+        assert md.count(line) >= 2, line
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    study = json.loads((out / "study.json").read_text())
+    assert study["counts"] == {"pretrain": {"reused": 0, "resumed": 0, "ran": 4},
+                               "finetune": {"reused": 0, "resumed": 0, "ran": 12}}
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_interrupted_study_resumes_and_reuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = StudyConfig(methods=("none", "uniform-mask", "scratch"), seeds=(0, 1), pretrain_dataset=PRETRAIN,
+                      targets=(UNSEEN,), image_size=16, grid=4, blur_kernel=3, blur_sigma=1.0, batch_size=8,
+                      pretrain_steps=3, finetune_epochs=2, device="cpu", out=str(tmp_path / "study"))
+    reference = Study(cfg)
+    reference.run()
+    expected = read_csv(reference.out / "results.csv")
+
+    # A copy of the finished study, interrupted in the second epoch of the fine-tuning of uniform-mask, seed 1
+    # (after its epoch-1 checkpoint); then one pretraining run loses its heated.pt and one fine-tuning run its folder.
+    shutil.copytree(tmp_path / "study", tmp_path / "interrupted")
+    cfg.out = str(tmp_path / "interrupted")
+    study = Study(cfg)
+    cut = Path(study.finetune_run("uniform-mask", 1, UNSEEN).run_dir)
+    shutil.rmtree(cut)
+    step = Finetuner.train_step
+
+    def train_step(self, images, labels):
+        if self.run_dir == cut and self.global_step == 8:
+            raise Interrupt
+        step(self, images, labels)
+
+    monkeypatch.setattr(Finetuner, "train_step", train_step)
+    with pytest.raises(Interrupt):
+        study.run()
+    monkeypatch.undo()
+    assert (cut / "checkpoint.pt").is_file() and not (cut / "metrics.json").exists()
+    (study.pretrain_dir("none", 1) / "heated.pt").unlink()
+    shutil.rmtree(study.finetune_run("scratch", 1, UNSEEN).run_dir)
+
+    resumed = Study(cfg)
+    rows = resumed.run()
+    assert resumed.counts() == {"pretrain": {"reused": 3, "resumed": 1, "ran": 0},
+                                "finetune": {"reused": 4, "resumed": 1, "ran": 1}}
+    strip = [{k: v for k, v in r.items() if not k.endswith("_dir")} for r in expected]
+    assert [{k: str(v) for k, v in r.items() if not k.endswith("_dir")} for r in rows] == strip
+
+    # New fine-tuning settings: every pretraining run is reused, every fine-tuning run is new.
+    cfg.finetune_epochs = 1
+    again = Study(cfg)
+    again.run()
+    assert again.counts() == {"pretrain": {"reused": 4, "resumed": 0, "ran": 0},
+                              "finetune": {"reused": 0, "resumed": 0, "ran": 6}}
+
+
+def test_paired_difference_by_hand() -> None:
+    mean, low, high, n = paired_difference([1.0, 2.0, 3.0], [0.0, 0.0, 0.0])
+    half = 4.302652729911275 / 3**0.5  # t(0.975, 2 degrees of freedom) * sd 1 / sqrt(3)
+    assert (mean, n) == (2.0, 3) and low == pytest.approx(2 - half) and high == pytest.approx(2 + half)
+    mean, low, high, n = paired_difference([0.7], [0.5])
+    assert mean == pytest.approx(0.2) and n == 1 and low != low and high != high
+
+
+def test_targets_and_methods_are_checked() -> None:
+    assert parse_target("synthrad:unseen?n_train=60@10") == ("synthrad:unseen?n_train=60", 10)
+    assert parse_target("imagefolder:/data/x") == ("imagefolder:/data/x", None)
+    assert StudyConfig(pretrain_dataset="synthrad?seed=1", fewshot_k=5).resolved_targets() == (
+        "synthrad?seed=1", "synthrad:unseen?seed=1", "synthrad:unseen?seed=1@5")
+    with pytest.raises(ValueError, match="after '@'"):
+        parse_target("synthrad@ten")
+    with pytest.raises(ValueError, match="unknown method 'dqn'"):
+        StudyConfig(methods=("none", "dqn")).validate()
