@@ -140,3 +140,23 @@ def test_non_finite_value_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, 
     for tensor in state["core"]["classifier"].values():
         assert torch.isfinite(tensor.float()).all()
     assert state["core"]["global_step"] == 4
+
+
+def test_finetune_killed_and_resumed_equals_uninterrupted(tmp_path: Path) -> None:
+    heated = tmp_path / "pre"
+    run(script("pretrain.py", "--algo", "none", "--run-dir", str(heated), *TINY, "--max-steps", "4"))
+    args = ["--init", str(heated / "heated.pt"), "--dataset", "synthrad:unseen?n_train=240&n_val=24&n_test=24",
+            "--epochs", "2", "--batch-size", "8", "--lr", "0.01", "--log-every", "2", "--ckpt-every", "4",
+            "--device", "cpu"]
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    run(script("finetune.py", *args, "--run-dir", str(whole)))
+    kill_after_checkpoint(script("finetune.py", *args, "--run-dir", str(broken)), broken / "checkpoint.pt",
+                          min_step=21)
+    assert not (broken / "metrics.json").exists()
+    run(script("finetune.py", *args, "--run-dir", str(broken), "--resume"))
+
+    a = torch.load(whole / "model.pt", weights_only=True)
+    b = torch.load(broken / "model.pt", weights_only=True)
+    assert_equal_states(a["state_dict"], b["state_dict"])
+    assert comparable_metrics(whole / "metrics.jsonl") == comparable_metrics(broken / "metrics.jsonl")
+    assert json.loads((whole / "metrics.json").read_text()) == json.loads((broken / "metrics.json").read_text())
