@@ -17,6 +17,12 @@ Every VecEnv step is one classifier step, so the defaults differ from stable-bas
 - PPO keeps stable-baselines3's 10 epochs per rollout, in minibatches of a quarter of the rollout
   (64 samples at batch 32 and ``n_steps = 8``, stable-baselines3's default minibatch size).
 
+Files. stable-baselines3's own TensorBoard scalars (``train/value_loss``, ``rollout/ep_rew_mean``, ...)
+go to ``run_dir/sb3`` against classifier steps, the x axis of our logs; its last update's statistics
+and the Beta parameters also reach ``metrics.jsonl`` under ``policy/...``; at the end the model is
+saved as ``run_dir/sb3/model.zip`` (``PPO.load`` / ``A2C.load``; stable-baselines3's format unpickles
+classes, so load only trusted files; resuming never reads it).
+
 Exact resume. Between rollouts (after an update, before the next step) the agent's whole state is
 small: the policy, its optimiser, counters and the episode bookkeeping; mid-rollout it would also need
 the rollout buffer and stable-baselines3's position inside ``collect_rollouts``, which has no way to
@@ -380,6 +386,7 @@ class SB3Agent(Agent):
             **self.algorithm_kwargs(self.venv.num_envs))
         self.untrained_steps = 0
         self.train_stats: dict[str, float] = {}
+        """The last update's statistics (stable-baselines3's ``train/...`` keys), logged with every step."""
         self.runner: PretrainRunner | None = None
 
     def checkpoint_ready(self) -> bool:
@@ -393,10 +400,11 @@ class SB3Agent(Agent):
         so a run that stops mid-rollout leaves one from which ``--resume`` is exact.
         """
         self.untrained_steps = 0
-        values = self.model.logger.name_to_value
-        if any(k in values for k in _TRAIN_STATS):
-            self.train_stats = {name: float(values[k]) for k, name in _TRAIN_STATS.items()
-                                if k in values and math.isfinite(float(values[k]))}
+        logger = self.model.logger
+        stats = {k: float(v) for k, v in logger.name_to_value.items() if k.startswith("train/")
+                 and "tensorboard" not in (logger.name_to_excluded.get(k) or ()) and math.isfinite(float(v))}
+        if stats:
+            self.train_stats = stats
         last = self.total_steps - self.core.global_step < self.cfg.n_steps
         self.runner.save_pending_checkpoint(force=last)
 
@@ -408,7 +416,8 @@ class SB3Agent(Agent):
         scalars = {"policy/entropy": dist.entropy().detach().sum(-1).mean(),
                    "policy/alpha_mean": alpha.mean(), "policy/alpha_std": alpha.std(),
                    "policy/beta_mean": beta.mean(), "policy/beta_std": beta.std(),
-                   "policy/beta_mean_value": (alpha / (alpha + beta)).mean(), **self.train_stats}
+                   "policy/beta_mean_value": (alpha / (alpha + beta)).mean(),
+                   **{_TRAIN_STATS[k]: v for k, v in self.train_stats.items() if k in _TRAIN_STATS}}
         self.runner.after_step(result, scalars, grid)
 
     def _sb3_logger(self, run_dir: Path | None) -> Logger:
@@ -428,6 +437,8 @@ class SB3Agent(Agent):
         model, num_envs = self.model, self.venv.num_envs
         self.runner = runner
         logger = self._sb3_logger(runner.run_dir)
+        for key, value in self.train_stats.items():  # on resume: the last update's, due in the next dump
+            logger.record(key, value)
         model.set_logger(logger)
         model._last_obs = self.venv.current_obs()
         if model._last_episode_starts is None:
@@ -435,7 +446,7 @@ class SB3Agent(Agent):
         callback = _RunnerCallback(self, runner)
         remaining = self.total_steps - self.core.global_step
         try:
-            model.learn(remaining * num_envs, callback=callback, reset_num_timesteps=False)
+            model.learn(remaining * num_envs, callback=callback, log_interval=1, reset_num_timesteps=False)
         finally:
             logger.close()
         if not callback.stopped_mid_rollout:

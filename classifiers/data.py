@@ -411,4 +411,7 @@ def make_loader(
         num_workers=workers,
         pin_memory=pin_memory,
         persistent_workers=False,
+        # Its own generator: starting an epoch or an evaluation pass never draws from the global RNG,
+        # so evaluating does not change what training samples next.
+        generator=torch.Generator().manual_seed(seed),
     )

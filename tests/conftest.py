@@ -23,9 +23,9 @@ def isolated_cache(tmp_path_factory: pytest.TempPathFactory):
         yield cache
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(autouse=True, scope="session")
 def torch_single_thread():
-    """Run a module's tiny tensor work on one thread, then restore the previous setting.
+    """Run the suite's tiny tensor work on one thread, then restore the previous setting.
 
     At 32 px and batch 8 a second thread gains nothing, and on a shared or busy 2-core machine
     OpenMP's spinning threads make such tests several times slower.

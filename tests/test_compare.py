@@ -14,8 +14,6 @@ from agents.study import Study, StudyConfig, paired_difference, parse_target
 from classifiers.finetune import Finetuner
 from classifiers.metrics import METRIC_NAMES
 
-pytestmark = pytest.mark.usefixtures("torch_single_thread")
-
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN = "synthrad?n_train=96&n_val=24&n_test=24"
 """12 classes x 8 training images."""

@@ -10,8 +10,6 @@ import torch
 
 from classifiers.data import DataError, EpochSampler, ImageDataset, load_dataset, make_loader
 
-pytestmark = pytest.mark.usefixtures("torch_single_thread")
-
 SIZE = 32
 
 

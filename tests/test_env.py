@@ -16,8 +16,6 @@ from classifiers.models import build_classifier
 from classifiers.train import NonFiniteError
 from envs.masks import gaussian_kernel1d
 
-pytestmark = pytest.mark.usefixtures("torch_single_thread")
-
 B, S, G = 8, 32, 8
 TINY = "synthrad?n_train=32&n_val=12&n_test=12"
 """32 training images: an epoch of 4 steps at batch 8."""

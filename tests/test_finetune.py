@@ -18,8 +18,6 @@ from classifiers.metrics import METRIC_NAMES
 from classifiers.models import build_classifier
 from envs.core import EnvConfig
 
-pytestmark = pytest.mark.usefixtures("torch_single_thread")
-
 ROOT = Path(__file__).resolve().parents[1]
 UNSEEN = "synthrad:unseen?n_train=96&n_val=24&n_test=24"
 """6 classes x 16 training images."""

@@ -8,8 +8,6 @@ from torchvision.transforms import functional as TF
 
 from envs.masks import NoiseMask, check_blur, gaussian_blur, gaussian_kernel1d
 
-pytestmark = pytest.mark.usefixtures("torch_single_thread")
-
 
 @pytest.mark.parametrize(
     ("kernel", "sigma", "shape"),

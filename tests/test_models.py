@@ -13,8 +13,6 @@ from classifiers.heated import FORMAT, load_heated, save_heated
 from classifiers.io import UnsafeCheckpointError, load_tensors, save_tensors
 from classifiers.models import ARCHITECTURES, build_classifier, replace_head
 
-pytestmark = pytest.mark.usefixtures("torch_single_thread")
-
 
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("name", ARCHITECTURES)

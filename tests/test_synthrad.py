@@ -12,8 +12,6 @@ from classifiers import synthrad
 from classifiers.data import load_dataset
 from classifiers.synthrad import MODALITIES, TASKS, SynthRadConfig, class_names, load_synthrad
 
-pytestmark = pytest.mark.usefixtures("torch_single_thread")
-
 SMALL = {"image_size": 32, "n_train": 96, "n_val": 24, "n_test": 24}
 
 
