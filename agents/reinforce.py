@@ -21,6 +21,7 @@ batch B take the same policy step as one process of batch N*B.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -185,5 +186,13 @@ class Reinforce(Agent):
         self.policy.load_state_dict(state["policy"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        total = max(1, self.total_steps)
+        if self.scheduler.T_max != total:
+            # The run was extended (or shortened): anneal to 0 over its new length, from where it stands now,
+            # rather than follow the saved cosine past its end (where it rises again).
+            self.scheduler.T_max = total
+            t = min(self.scheduler.last_epoch, total)
+            for group, base_lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+                group["lr"] = 0.5 * base_lr * (1.0 + math.cos(math.pi * t / total))
         self.baseline.copy_(state["baseline"])
         self.baseline_ready = bool(state["baseline_ready"])
