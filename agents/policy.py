@@ -27,12 +27,37 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributions import Beta
 
-from classifiers.train import Normalizer
+from classifiers.train import Normalizer, check_finite
 
 CONC_MIN = 0.05
 CONC_MAX = 100.0
 SAMPLE_EPS = 1e-5
 PARAMS = ("exp", "softplus")
+
+
+class GridFeatures(nn.Module):
+    """Per-cell features (B, 2 * width, G, G) of a uint8 batch: the light trunk every mask policy shares.
+
+    The image is normalised (the paper's mean and std), resized to at most ``input_size`` px, passed
+    through three 3x3 convolutions (two strided) and average-pooled to the G x G grid.
+    """
+
+    def __init__(self, in_channels: int, grid: int, width: int = 16, input_size: int = 64) -> None:
+        super().__init__()
+        self.grid, self.input_size, self.channels = grid, input_size, 2 * width
+        self.normalizer = Normalizer()
+        self.trunk = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, 2, 1), nn.ReLU(inplace=True),
+            nn.Conv2d(width, width * 2, 3, 2, 1), nn.ReLU(inplace=True),
+            nn.Conv2d(width * 2, width * 2, 3, 1, 1), nn.ReLU(inplace=True),
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.normalizer(images)
+        if x.shape[-1] > self.input_size:
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", antialias=True,
+                              align_corners=False)
+        return F.adaptive_avg_pool2d(self.trunk(x), self.grid)
 
 
 class BetaMaskPolicy(nn.Module):
@@ -55,23 +80,13 @@ class BetaMaskPolicy(nn.Module):
             raise ValueError(f"unknown policy parameterisation {param!r}; use one of {', '.join(PARAMS)}")
         self.grid, self.param, self.input_size = grid, param, input_size
         self.base_momentum, self.head_weight = base_momentum, head_weight
-        self.normalizer = Normalizer()
-        self.trunk = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, 2, 1), nn.ReLU(inplace=True),
-            nn.Conv2d(width, width * 2, 3, 2, 1), nn.ReLU(inplace=True),
-            nn.Conv2d(width * 2, width * 2, 3, 1, 1), nn.ReLU(inplace=True),
-        )
+        self.features = GridFeatures(in_channels, grid, width, input_size)
         self.head = nn.Conv2d(width * 2, 2, 1)
         self.register_buffer("base", torch.rand(2, grid, grid))
 
     def head_output(self, images: torch.Tensor) -> torch.Tensor:
         """The raw head output (B, 2, G, G) for a uint8 batch."""
-        x = self.normalizer(images)
-        if x.shape[-1] > self.input_size:
-            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", antialias=True,
-                              align_corners=False)
-        feats = F.adaptive_avg_pool2d(self.trunk(x), self.grid)
-        return self.head(feats).float()
+        return self.head(self.features(images)).float()
 
     def forward(self, images: torch.Tensor, update_base: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Beta concentrations ``(alpha, beta)``, each (B, G, G), clamped to ``[CONC_MIN, CONC_MAX]``.
@@ -99,10 +114,13 @@ class BetaMaskPolicy(nn.Module):
         self.base.mul_(self.base_momentum).add_((1.0 - self.base_momentum) * batch_mean)
 
 
+def beta_distribution(policy: nn.Module, images: torch.Tensor, update_base: bool = False, step: int = 0) -> Beta:
+    """The per-cell Beta distribution (batch shape (B, G, G)) of ``policy`` (plain or DDP-wrapped).
 
-def beta_distribution(policy: nn.Module, images: torch.Tensor, update_base: bool = False) -> Beta:
-    """The per-cell Beta distribution (batch shape (B, G, G)) of ``policy`` (plain or DDP-wrapped)."""
+    Non-finite concentrations raise :class:`classifiers.train.NonFiniteError` naming them and ``step``."""
     alpha, beta = policy(images, update_base)
+    check_finite(alpha, "policy concentration alpha", step)
+    check_finite(beta, "policy concentration beta", step)
     return Beta(alpha, beta)
 
 

@@ -27,11 +27,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributions import Beta
 from torch.nn.parallel import DistributedDataParallel
 
 from agents.base import Action, Agent
-from agents.policy import PARAMS, BetaMaskPolicy, mask_log_prob, sample_mask
+from agents.policy import PARAMS, BetaMaskPolicy, beta_distribution, mask_log_prob, sample_mask
 from classifiers.distributed import all_mean, is_distributed
 from classifiers.train import check_finite
 from envs.core import PretrainCore, StepResult
@@ -121,11 +120,7 @@ class Reinforce(Agent):
 
     def act(self, images: torch.Tensor) -> Action:
         self.policy.train()
-        alpha, beta = self.net(images, update_base=True)
-        step = self.core.global_step
-        check_finite(alpha, "policy concentration alpha", step)
-        check_finite(beta, "policy concentration beta", step)
-        dist = Beta(alpha, beta)
+        dist = beta_distribution(self.net, images, update_base=True, step=self.core.global_step)
         grid = sample_mask(dist)
         self._dist, self._grid = dist, grid
         return Action(grid=grid)

@@ -61,10 +61,9 @@ from torch.distributions import Beta
 from torch.utils.tensorboard import SummaryWriter
 
 from agents.base import Agent
-from agents.policy import CONC_MAX, CONC_MIN, mask_log_prob, sample_mask
+from agents.policy import CONC_MAX, CONC_MIN, GridFeatures, mask_log_prob, sample_mask
 from agents.registry import register
 from classifiers.io import atomic_write
-from classifiers.train import Normalizer
 from envs.core import PretrainCore, StepResult
 from envs.vec_env import NoiseMaskVecEnv
 
@@ -152,19 +151,10 @@ class MaskFeaturesExtractor(BaseFeaturesExtractor):
     def __init__(self, observation_space: gym.spaces.Box, grid: int, width: int = 16, input_size: int = 64) -> None:
         self.grid, self.channels, self.input_size = grid, 2 * width, input_size
         super().__init__(observation_space, features_dim=self.channels * grid * grid)
-        self.normalizer = Normalizer()
-        self.trunk = nn.Sequential(
-            nn.Conv2d(observation_space.shape[0], width, 3, 2, 1), nn.ReLU(inplace=True),
-            nn.Conv2d(width, 2 * width, 3, 2, 1), nn.ReLU(inplace=True),
-            nn.Conv2d(2 * width, 2 * width, 3, 1, 1), nn.ReLU(inplace=True),
-        )
+        self.features = GridFeatures(observation_space.shape[0], grid, width, input_size)
 
     def forward(self, observations: torch.Tensor) -> torch.Tensor:
-        x = self.normalizer(observations)
-        if x.shape[-1] > self.input_size:
-            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", antialias=True,
-                              align_corners=False)
-        return F.adaptive_avg_pool2d(self.trunk(x), self.grid).flatten(1)
+        return self.features(observations).flatten(1)
 
 
 class SpatialBetaHead(nn.Module):
