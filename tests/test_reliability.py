@@ -57,7 +57,7 @@ def assert_equal_states(a: dict, b: dict) -> None:
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.mark.parametrize("algo", ["reinforce", "uniform-mask"])
+@pytest.mark.parametrize("algo", ["reinforce", "uniform-mask", "ppo"])
 def test_pretrain_killed_and_resumed_equals_uninterrupted(tmp_path: Path, algo: str) -> None:
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     run(script("pretrain.py", "--algo", algo, "--run-dir", str(whole), *TINY))
@@ -72,7 +72,7 @@ def test_pretrain_killed_and_resumed_equals_uninterrupted(tmp_path: Path, algo: 
     ca = torch.load(whole / "checkpoint.pt", weights_only=True)
     cb = torch.load(broken / "checkpoint.pt", weights_only=True)
     assert_equal_states(ca["core"]["classifier"], cb["core"]["classifier"])
-    if algo == "reinforce":
+    if algo in ("reinforce", "ppo"):
         assert_equal_states(ca["agent"]["policy"], cb["agent"]["policy"])
     assert comparable_metrics(whole / "metrics.jsonl") == comparable_metrics(broken / "metrics.jsonl")
 
