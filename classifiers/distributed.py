@@ -61,6 +61,25 @@ def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+@torch.no_grad()
+def average_buffers(module: torch.nn.Module) -> None:
+    """Average ``module``'s floating-point buffers (BatchNorm running statistics) over all processes.
+
+    DDP broadcasts rank 0's buffers before each forward, but the last forward updates them per rank;
+    averaging before evaluation and saving makes every rank hold the same model, with statistics from
+    all the data. Integer buffers (batch counters) are equal on every rank and taken from rank 0.
+    """
+    if not is_distributed():
+        return
+    world = dist.get_world_size()
+    for buf in module.buffers():
+        if buf.is_floating_point():
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+            buf /= world
+        else:
+            dist.broadcast(buf, src=0)
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

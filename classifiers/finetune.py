@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from classifiers.checkpoint import open_run, rng_state, seed_everything, set_rng_state, write_checkpoint
 from classifiers.data import DataSpec, load_dataset, make_loader
-from classifiers.distributed import all_mean, barrier, init_from_env, is_distributed, is_main, rank
+from classifiers.distributed import all_mean, average_buffers, barrier, init_from_env, is_distributed, is_main, rank
 from classifiers.heated import load_heated, save_heated
 from classifiers.metrics import METRIC_NAMES
 from classifiers.models import ARCHITECTURES, build_classifier, replace_head
@@ -301,6 +301,7 @@ class Finetuner:
 
     def save_checkpoint(self) -> None:
         """Write ``checkpoint.pt`` atomically (the previous one is kept as ``checkpoint.prev.pt``)."""
+        average_buffers(self.model)
         state = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -325,6 +326,7 @@ class Finetuner:
                 self.loader.sampler.set_epoch(self.epoch, self.step_in_epoch * self.batch_size)
                 for images, labels in self.loader:
                     self.train_step(images, labels)
+                average_buffers(self.model)
                 if self.main:
                     self.evaluate_split("val")
                 barrier()

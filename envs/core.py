@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from classifiers.data import DataSpec, load_dataset, make_loader
+from classifiers.distributed import average_buffers
 from classifiers.models import ARCHITECTURES, build_classifier
 from classifiers.train import DevicePolicy, Normalizer, resolve_device, supervised_step
 from envs.masks import NoiseMask
@@ -202,22 +203,9 @@ class PretrainCore:
         limit = self.cfg.max_steps is not None and self.episode_steps >= self.cfg.max_steps
         return StepResult(reward=reward, loss=loss, correct=correct, truncated=(not more) or limit)
 
-    @torch.no_grad()
     def sync_buffers(self) -> None:
-        """Average the classifier's floating-point buffers (BatchNorm running statistics) over all processes.
-
-        DDP broadcasts rank 0's buffers before each forward, but the last forward updates them per rank;
-        averaging before evaluation and saving makes every rank hold the same classifier, with statistics
-        from all the data.
-        """
-        if not self.distributed:
-            return
-        for buf in self.classifier.buffers():
-            if buf.is_floating_point():
-                dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-                buf /= self.world_size
-            else:
-                dist.broadcast(buf, src=0)
+        """Make every process hold the same classifier: average its BatchNorm statistics over ranks."""
+        average_buffers(self.classifier)
 
     def state_dict(self) -> dict:
         """Classifier, optimiser, scheduler and position: enough to continue exactly."""

@@ -12,6 +12,7 @@ from agents.reinforce import Reinforce
 from agents.runner import PretrainConfig, PretrainRunner
 from classifiers.data import DataSpec, ImageSource
 from classifiers.distributed import init_from_env, rank, shutdown
+from classifiers.finetune import FinetuneConfig, Finetuner
 from envs.core import EnvConfig, PretrainCore, StepResult
 
 
@@ -32,6 +33,16 @@ def pretrain(out: Path, run_dir: str) -> None:
     runner.run()
     torch.save({"classifier": runner.core.classifier.state_dict(), "policy": runner.agent.policy.state_dict()},
                out / f"rank{rank()}.pt")
+
+
+def finetune(out: Path, run_dir: str) -> None:
+    """A short fine-tuning from scratch; every rank saves its model weights."""
+    data = "synthrad:unseen?n_train=192&n_val=24&n_test=24"
+    cfg = FinetuneConfig(init="scratch", classifier="smallcnn", dataset=data, image_size=32, epochs=1, lr=0.01,
+                         batch_size=8, device="cpu", run_dir=run_dir, log_every=2, ckpt_every=5)
+    tuner = Finetuner(cfg)
+    tuner.run()
+    torch.save({"model": tuner.model.state_dict()}, out / f"rank{rank()}.pt")
 
 
 def equivalence(out: Path, global_batch: int) -> None:
@@ -63,6 +74,8 @@ if __name__ == "__main__":
     try:
         if mode == "pretrain":
             pretrain(out, sys.argv[3])
+        elif mode == "finetune":
+            finetune(out, sys.argv[3])
         else:
             equivalence(out, int(sys.argv[3]))
     finally:

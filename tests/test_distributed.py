@@ -43,6 +43,19 @@ def test_two_ranks_pretrain_identically_and_only_rank0_writes(tmp_path: Path) ->
     assert len(steps) == 4  # steps 2, 4, 6 and the checkpoint at 3, once (not once per rank)
 
 
+def test_two_ranks_finetune_identically_and_only_rank0_writes(tmp_path: Path) -> None:
+    out, run_dir = tmp_path / "out", tmp_path / "run"
+    out.mkdir()
+    torchrun(2, "finetune", str(out), str(run_dir))
+    r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert_same_state(r0["model"], r1["model"])
+    names = sorted(p.name for p in run_dir.iterdir())
+    assert len([n for n in names if n.startswith("events.out.tfevents")]) == 1, names
+    assert {"config.json", "metrics.jsonl", "checkpoint.pt", "model.pt", "metrics.json"} <= set(names)
+    saved = torch.load(run_dir / "model.pt", weights_only=True)["state_dict"]
+    assert_same_state(saved, r0["model"])
+
+
 @pytest.mark.parametrize("global_batch", [8])
 def test_two_processes_of_batch_b_update_like_one_of_batch_2b(tmp_path: Path, global_batch: int) -> None:
     torchrun(2, "equivalence", str(tmp_path), str(global_batch))
