@@ -134,7 +134,7 @@ class PretrainRunner:
         """Called after every classifier step: accumulate, log, evaluate at epoch end, checkpoint."""
         step = self.core.global_step
         values = {"train/loss": result.loss.mean(), "train/accuracy": result.correct.mean(),
-                  "reward/mean": result.reward.mean(), "reward/std": result.reward.std(), **scalars}
+                  "reward/mean": result.reward.mean(), "reward/std": result.reward.std(correction=0), **scalars}
         if grid is not None:
             values |= {"mask/mean": grid.mean(), "mask/std": grid.std()}
         self.window.add(values)
@@ -180,7 +180,7 @@ class PretrainRunner:
     def _log_images(self, step: int, grid: torch.Tensor) -> None:
         n = min(16, grid.shape[0])
         mask = self.core.mask(grid[:n])
-        clean = self.core.images[:n].float() / 255.0  # the batch after this step's: shown with its own masks
+        clean = self.core.stepped_images[:n].float() / 255.0
         self.logger.images(step, "images/mask", mask)
         self.logger.images(step, "images/masked", (clean * mask)[:, :3])
         self.logger.histogram(step, "mask/values", grid)

@@ -217,15 +217,31 @@ def _load_imagefolder(spec: str, image_size: int | None) -> DataSpec:
     return DataSpec(f"imagefolder:{root.name}", classes, channels, size, splits)
 
 
+def _stretch_to_uint8(arr: np.ndarray) -> np.ndarray:
+    """16-bit or float images (CT, MR) to uint8 by stretching the image's own range to 0..255.
+
+    Pillow's ``convert("L")`` clips such images instead of rescaling them (a 16-bit CT becomes almost all
+    white), so they are windowed here per image, from their minimum to their maximum."""
+    lo, hi = float(arr.min()), float(arr.max())
+    if hi <= lo:
+        return np.zeros(arr.shape, np.uint8)
+    return np.round((arr - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
 def _read_image(path: Path, channels: int | None) -> torch.Tensor:
     """Read one image file as uint8 (C, H, W); grayscale stays 1 channel unless ``channels`` says otherwise."""
     try:
         with Image.open(path) as im:
             im.load()
-            mode = "L" if im.mode in ("L", "I", "I;16", "F", "1", "P") and channels != 3 else "RGB"
-            if channels == 1:
-                mode = "L"
-            arr = np.asarray(im.convert(mode))
+            if im.mode.startswith(("I", "F")):
+                arr = _stretch_to_uint8(np.asarray(im, dtype=np.float64))
+                if channels == 3:
+                    arr = np.repeat(arr[..., None], 3, axis=2)
+            else:
+                mode = "L" if im.mode in ("L", "1", "P", "LA") and channels != 3 else "RGB"
+                if channels == 1:
+                    mode = "L"
+                arr = np.asarray(im.convert(mode))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"cannot read image {path} ({type(exc).__name__}: {exc}); replace or remove the file") \
             from None

@@ -134,6 +134,7 @@ class PretrainCore:
         self._iter = None
         self.exhausted = True
         self.images: torch.Tensor | None = None
+        self.stepped_images: torch.Tensor | None = None
         self.labels: torch.Tensor | None = None
         self._init_classifier(cfg.seed)
 
@@ -198,6 +199,7 @@ class PretrainCore:
         self.global_step += 1
         self.step_in_epoch += 1
         self.episode_steps += 1
+        self.stepped_images = self.images  # what this step trained on, for logging beside its masks
         more = self._next_batch()
         self.exhausted = not more
         limit = self.cfg.max_steps is not None and self.episode_steps >= self.cfg.max_steps

@@ -344,3 +344,17 @@ def test_unknown_dataset_spec(spec: str, match: str) -> None:
 def test_image_size_too_small(synthrad_spec: str) -> None:
     with pytest.raises(DataError, match="too small"):
         load_dataset(synthrad_spec, image_size=4)
+
+
+def test_16_bit_images_are_stretched_not_clipped(tmp_path):
+    from PIL import Image
+
+    from classifiers.data import _read_image
+
+    ramp = np.linspace(0, 60000, 64, dtype=np.uint16).reshape(8, 8)
+    Image.fromarray(ramp).save(tmp_path / "ct.png")
+    img = _read_image(tmp_path / "ct.png", None)
+    assert img.shape == (1, 8, 8) and img.dtype == torch.uint8
+    assert int(img.min()) == 0 and int(img.max()) == 255
+    assert len(torch.unique(img)) > 32  # a ramp, not clipped to white
+    assert _read_image(tmp_path / "ct.png", 3).shape == (3, 8, 8)
