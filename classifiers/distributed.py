@@ -52,15 +52,6 @@ def all_mean(x: torch.Tensor) -> torch.Tensor:
     return y / dist.get_world_size()
 
 
-def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate equal-shaped tensors from all ranks along dim 0, in rank order."""
-    if not is_distributed():
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.detach().contiguous())
-    return torch.cat(parts)
-
-
 @torch.no_grad()
 def average_buffers(module: torch.nn.Module) -> None:
     """Average ``module``'s floating-point buffers (BatchNorm running statistics) over all processes.

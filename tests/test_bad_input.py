@@ -7,14 +7,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pretrain as pretrain_script
 import pytest
 from PIL import Image
 
 from classifiers.cli import fail_cleanly
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-import pretrain as pretrain_script  # noqa: E402
 
 TINY = ["--image-size", "32", "--grid", "8", "--batch-size", "4", "--max-steps", "2", "--device", "cpu"]
 

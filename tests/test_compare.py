@@ -5,9 +5,9 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import sys
 from pathlib import Path
 
+import compare
 import pytest
 
 from agents.study import Study, StudyConfig, paired_difference, parse_target
@@ -23,15 +23,6 @@ TINY = ["--image-size", "16", "--grid", "4", "--blur-kernel", "3", "--blur-sigma
         "--pretrain-steps", "3", "--finetune-epochs", "1", "--fewshot-epochs", "2", "--device", "cpu"]
 
 
-def compare_script():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import compare
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
-    return compare
-
-
 def read_csv(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh))
@@ -41,7 +32,7 @@ def test_quick_study_at_a_tiny_size_writes_all_three_files(tmp_path: Path, capsy
     out = tmp_path / "study"
     argv = ["--quick", "--methods", "none", "reinforce", "scratch", "--seeds", "0", "1", "--pretrain-dataset",
             PRETRAIN, "--targets", PRETRAIN, f"{UNSEEN}@4", "--out", str(out), *TINY]
-    assert compare_script().main(argv) == 0
+    assert compare.main(argv) == 0
     printed = capsys.readouterr().out
     assert "# Comparison study" in printed and f"tensorboard --logdir {out}" in printed
 

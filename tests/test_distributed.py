@@ -28,30 +28,31 @@ def assert_same_state(a: dict, b: dict, atol: float = 0.0) -> None:
         assert torch.allclose(a[k].float(), b[k].float(), atol=atol, rtol=0), k
 
 
-def test_two_ranks_pretrain_identically_and_only_rank0_writes(tmp_path: Path) -> None:
+def train_on_two_ranks(mode: str, tmp_path: Path) -> tuple[dict, dict, Path, set[str]]:
+    """Run ``dist_worker.py mode`` on 2 ranks; return each rank's weights, the run folder and its file names,
+    having checked that one process alone (rank 0) wrote TensorBoard events."""
     out, run_dir = tmp_path / "out", tmp_path / "run"
     out.mkdir()
-    torchrun(2, "pretrain", str(out), str(run_dir))
+    torchrun(2, mode, str(out), str(run_dir))
     r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    names = {p.name for p in run_dir.iterdir()}
+    assert len([n for n in names if n.startswith("events.out.tfevents")]) == 1, names
+    return r0, r1, run_dir, names
+
+
+def test_two_ranks_pretrain_identically_and_only_rank0_writes(tmp_path: Path) -> None:
+    r0, r1, run_dir, names = train_on_two_ranks("pretrain", tmp_path)
     assert_same_state(r0["classifier"], r1["classifier"])
     assert_same_state(r0["policy"], r1["policy"])
-    names = sorted(p.name for p in run_dir.iterdir())
-    events = [n for n in names if n.startswith("events.out.tfevents")]
-    assert len(events) == 1, names  # one writer: rank 0
-    assert {"config.json", "metrics.jsonl", "checkpoint.pt", "heated.pt"} <= set(names)
+    assert {"config.json", "metrics.jsonl", "checkpoint.pt", "heated.pt"} <= names
     steps = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"train/loss"' in line]
     assert len(steps) == 4  # steps 2, 4, 6 and the checkpoint at 3, once (not once per rank)
 
 
 def test_two_ranks_finetune_identically_and_only_rank0_writes(tmp_path: Path) -> None:
-    out, run_dir = tmp_path / "out", tmp_path / "run"
-    out.mkdir()
-    torchrun(2, "finetune", str(out), str(run_dir))
-    r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    r0, r1, run_dir, names = train_on_two_ranks("finetune", tmp_path)
     assert_same_state(r0["model"], r1["model"])
-    names = sorted(p.name for p in run_dir.iterdir())
-    assert len([n for n in names if n.startswith("events.out.tfevents")]) == 1, names
-    assert {"config.json", "metrics.jsonl", "checkpoint.pt", "model.pt", "metrics.json"} <= set(names)
+    assert {"config.json", "metrics.jsonl", "checkpoint.pt", "model.pt", "metrics.json"} <= names
     saved = torch.load(run_dir / "model.pt", weights_only=True)["state_dict"]
     assert_same_state(saved, r0["model"])
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -143,11 +142,7 @@ def test_colour_imagefolder_of_another_size_into_a_grayscale_model(tmp_path: Pat
 
 
 def test_scratch_on_the_pretraining_task_and_the_cli(tmp_path: Path, synthrad_spec: str, capsys) -> None:
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import finetune as script
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
+    import finetune as script
     argv = ["--init", "scratch", "--dataset", synthrad_spec, "--image-size", "16", "--epochs", "1",
             "--batch-size", "16", "--device", "cpu", "--run-dir", str(tmp_path / "scratch"), "--channels", "3"]
     assert script.main(argv) == 0

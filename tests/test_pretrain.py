@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
+import pretrain
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -32,11 +32,7 @@ LEARNING = {"reinforce", "reinforce-official"}
 
 @pytest.fixture(scope="module")
 def script():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import pretrain
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
+    """``scripts/pretrain.py`` as a module (``scripts`` is on pytest's path)."""
     return pretrain
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import sys
 from pathlib import Path
 
 import gymnasium
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from gymnasium import spaces
+from pretrain import main as pretrain_main
 from stable_baselines3 import A2C, PPO
 from stable_baselines3.common.vec_env import DummyVecEnv
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -29,9 +29,6 @@ from agents.sb3 import (
 )
 from classifiers.io import load_tensors
 from envs.core import EnvConfig, PretrainCore
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from pretrain import main as pretrain_main  # noqa: E402
 
 ALGOS = {"ppo": PPO, "a2c": A2C}
 RUN_ARGS = ["--classifier", "smallcnn", "--image-size", "32", "--grid", "4", "--batch-size", "8", "--device", "cpu",
