@@ -78,8 +78,11 @@ class ReinforceConfig:
 
 def reinforce_loss(log_prob: torch.Tensor, advantage: torch.Tensor, entropy: torch.Tensor,
                    entropy_coef: float) -> torch.Tensor:
-    """``-mean(advantage * log_prob) - entropy_coef * mean(entropy)``; each argument has shape (B,)."""
-    return -(advantage.detach() * log_prob).mean() - entropy_coef * entropy.mean()
+    """``-mean(advantage * log_prob) - entropy_coef * mean(entropy)``; each argument has shape (B,).
+
+    With ``entropy_coef == 0`` the entropy stays out of the graph (no backward through its digammas)."""
+    loss = -(advantage.detach() * log_prob).mean()
+    return loss - entropy_coef * entropy.mean() if entropy_coef else loss
 
 
 def official_loss(cell_log_prob: torch.Tensor, ce_mean: torch.Tensor) -> torch.Tensor:
@@ -131,7 +134,8 @@ class Reinforce(Agent):
         reward = result.reward.detach().float()
         check_finite(reward, "reward", step)
         cell_logp = mask_log_prob(dist, grid)
-        entropy = dist.entropy().sum((1, 2))
+        with torch.set_grad_enabled(cfg.entropy_coef > 0 and cfg.objective == "reinforce"):
+            entropy = dist.entropy().sum((1, 2))  # without a bonus, only logged
         mean_reward = all_mean(reward.mean())
         if cfg.objective == "official":
             loss = official_loss(cell_logp, all_mean(result.loss.mean()))

@@ -212,6 +212,7 @@ class BetaActorCriticPolicy(ActorCriticPolicy):
             gains |= {self.mlp_extractor: np.sqrt(2), self.action_net: 0.01, self.value_net: 1.0}
             for module, gain in gains.items():
                 module.apply(partial(self.init_weights, gain=gain))
+        self.to(memory_format=torch.channels_last)  # the convolutions, as in our policy (see GridFeatures)
         self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
 
     def _get_action_dist_from_latent(self, latent_pi: torch.Tensor) -> BetaDistribution:

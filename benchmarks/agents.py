@@ -11,6 +11,7 @@ resident set before, measured in a fresh process per agent so no agent reuses me
     python benchmarks/agents.py                                   # smallcnn, 64 px, batch 32
     python benchmarks/agents.py --classifier resnet18 --steps 48
     python benchmarks/agents.py --profile ppo                     # where PPO's time goes
+    python benchmarks/agents.py --policy-width 32                 # a heavier policy for every agent
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ def build(args: argparse.Namespace, data: DataSpec, algo: str) -> tuple[Pretrain
     cfg = EnvConfig(dataset=args.dataset, classifier=args.classifier, batch_size=args.batch_size,
                     image_size=args.image_size, grid=args.grid, device=args.device, seed=0)
     core = PretrainCore(cfg, data=data)
-    options = {"n_steps": args.n_steps, "n_epochs": args.n_epochs, "sb3_batch_size": args.sb3_batch_size}
+    options = {"n_steps": args.n_steps, "n_epochs": args.n_epochs, "sb3_batch_size": args.sb3_batch_size,
+               "policy_width": args.policy_width}
     agent = make_agent(algo, options)
     clock = StepClock(core, args.warmup, args.steps)
     agent.bind(core, clock.total)
@@ -166,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-steps", type=int, default=None, help="ppo/a2c rollout length (default: the agents')")
     p.add_argument("--n-epochs", type=int, default=None, help="ppo epochs per rollout (default: the agent's)")
     p.add_argument("--sb3-batch-size", type=int, default=None, help="ppo minibatch (default: the agent's)")
+    p.add_argument("--policy-width", type=int, default=None,
+                   help="channels of every agent's policy trunk (default: the agents', 16)")
     p.add_argument("--warmup", type=int, default=8, help="untimed steps first (a multiple of n_steps)")
     p.add_argument("--steps", type=int, default=32, help="timed steps (a multiple of n_steps)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
@@ -193,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     ips = {a: statistics.median(r["images_per_second"] for r in runs[a]) for a in algos}
     device = torch.cuda.get_device_name() if cuda else f"{platform.processor() or platform.machine()} CPU, " \
         f"{torch.get_num_threads()} threads"
-    print(f"\n{args.classifier}, {args.image_size} px, batch {args.batch_size}, grid {args.grid}, {device}; "
+    width = f", policy width {args.policy_width}" if args.policy_width else ""
+    print(f"\n{args.classifier}, {args.image_size} px, batch {args.batch_size}, grid {args.grid}{width}, {device}; "
           f"median of {args.rounds} rounds of {args.steps} steps after {args.warmup}\n")
     mem_col = "peak CUDA memory (MiB)" if cuda else "peak RSS growth (MiB)"
     ref = ips.get("reinforce")

@@ -347,7 +347,9 @@ class ImageDataset(Dataset):
         img = self._image(i)
         if self.train and aug_seed is not None:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(aug_seed)
+                # Only the CPU generator the transforms draw from: torch.manual_seed would also queue
+                # a reseed of every CUDA device, which costs as much as the augmentation itself.
+                torch.default_generator.manual_seed(aug_seed)
                 img = self.augment(img)
         elif img.shape[-2:] != (self.size, self.size):
             img = self.resize(img)

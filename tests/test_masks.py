@@ -90,3 +90,15 @@ def test_largest_valid_kernel() -> None:
     x = torch.rand(1, 1, 32, 32)
     torch.testing.assert_close(gaussian_blur(x, gaussian_kernel1d(63, 6.0)),
                                TF.gaussian_blur(x, [63, 63], [6.0, 6.0]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("size", "grid", "kernel", "sigma"),
+                         [(64, 16, 13, 6.0), (32, 5, 13, 6.0), (17, 3, 5, 1.5), (32, 8, 1, 1.0), (224, 64, 13, 6.0)])
+def test_mask_operator_equals_upsample_then_blur(size: int, grid: int, kernel: int, sigma: float) -> None:
+    """The one-matrix form ``A @ grid @ A.T`` is the step-by-step upsample and blur, also for grids that do
+    not divide the image and without blur (then exactly)."""
+    nm = NoiseMask(size, grid, blur_kernel=kernel, blur_sigma=sigma)
+    g = torch.rand(3, grid, grid, generator=torch.Generator().manual_seed(size))
+    ours, ref = nm(g), nm.reference(g)
+    assert ours.shape == ref.shape == (3, 1, size, size) and ours.dtype == torch.float32
+    torch.testing.assert_close(ours, ref, atol=0 if kernel == 1 else 1e-6, rtol=0)
