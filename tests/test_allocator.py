@@ -1,0 +1,53 @@
+"""The CPU allocator tuning: freed tensor memory is reused, not returned to the OS and faulted in again."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# 16 training steps of smallcnn at 64 px, batch 32, after two to warm up; prints the page faults of the 16.
+STEPS = """
+import resource, torch
+from classifiers.models import build_classifier
+from classifiers.train import DevicePolicy, tune_cpu_allocator
+torch.set_num_threads(1)
+dev = DevicePolicy(torch.device("cpu"))
+print(tune_cpu_allocator())
+torch.manual_seed(0)
+model = dev.prepare(build_classifier("smallcnn", 12, 1, 64))
+opt = torch.optim.SGD(model.parameters(), lr=0.01)
+for i in range(18):
+    if i == 2:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    x = torch.randn(32, 1, 64, 64).contiguous(memory_format=torch.channels_last)
+    loss = torch.nn.functional.cross_entropy(model(x), torch.zeros(32, dtype=torch.long))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _faults(tune: str) -> tuple[bool, int]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")} | {"NOISEMASK_TUNE_MALLOC": tune}
+    out = subprocess.run([sys.executable, "-c", STEPS], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120, check=True).stdout.split()
+    return out[0] == "True", int(out[1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc on Linux only")
+def test_tuned_allocator_reuses_freed_memory() -> None:
+    tuned, faults = _faults("1")
+    untuned, faults_default = _faults("0")
+    assert tuned and not untuned
+    # glibc's defaults map and fault in most steps' activations afresh (thousands of 4 KiB pages a step); tuned,
+    # freed blocks are reused and only the heap's occasional growth faults (measured: 0 to 12,000 against
+    # 60,000 to 110,000 over the 16 steps)
+    assert faults_default > 16 * 1000, faults_default
+    assert faults < faults_default / 3, (faults, faults_default)
