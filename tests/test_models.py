@@ -132,3 +132,14 @@ def test_code_running_pickle_is_refused(tmp_path: Path, writer: str) -> None:
     with pytest.raises(UnsafeCheckpointError):
         load_heated(path)
     assert not marker.exists()
+
+
+def test_device_policy_keeps_models_and_batches_channels_last_on_cpu() -> None:
+    from classifiers.train import DevicePolicy
+
+    dev = DevicePolicy(torch.device("cpu"))
+    model = dev.prepare(build_classifier("smallcnn", 3, 1, 32))
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last)
+               for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    images, labels = dev.batch(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.zeros(2, dtype=torch.long))
+    assert images.is_contiguous(memory_format=torch.channels_last) and images.dtype == torch.uint8

@@ -189,3 +189,18 @@ def test_policy_is_small(channels: int) -> None:
 def test_concentration_bounds_are_documented_constants() -> None:
     assert 0 < CONC_MIN < 1 < CONC_MAX < math.inf
     assert 0 < SAMPLE_EPS < 1e-3
+
+
+def test_trunk_runs_channels_last_with_the_same_outputs() -> None:
+    """The convolutions are channels-last (the faster kernels), which changes no value: a contiguous copy of
+    the same weights gives the same concentrations."""
+    p = policy(grid=8)
+    convs = [m for m in p.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    ref = policy(grid=8)
+    for m in ref.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.weight.data = m.weight.data.contiguous()
+    x = images(s=32)
+    for got, want in zip(p(x), ref(x)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -302,3 +302,14 @@ def test_options_are_registered_and_checked(synthrad_spec: str) -> None:
     core.distributed = True
     with pytest.raises(ValueError, match="torchrun"):
         make_agent("a2c").bind(core, 8)
+
+
+def test_policy_convolutions_are_channels_last_after_stable_baselines3_initialisation() -> None:
+    """Channels-last comes after stable-baselines3's orthogonal initialisation (which needs contiguous weights):
+    the features extractor's weights are orthogonal with gain sqrt(2), like any stable-baselines3 layer."""
+    torch.manual_seed(0)
+    policy = BetaActorCriticPolicy(*_spaces(32, 4), lambda _: 3e-4)
+    convs = [m for m in policy.features_extractor.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    w = convs[-1].weight.detach().flatten(1)  # (out, in * 3 * 3): orthonormal rows times the gain
+    torch.testing.assert_close(w @ w.T, 2.0 * torch.eye(w.shape[0]), atol=1e-4, rtol=0)
