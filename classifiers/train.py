@@ -70,8 +70,9 @@ def resolve_device(name: str) -> torch.device:
 class DevicePolicy:
     """How tensors and models live on a device: channels-last everywhere, bf16 autocast on CUDA.
 
-    Channels-last is faster on a CPU as well (oneDNN convolutions): ``python benchmarks/throughput.py``
-    forward+backward of resnet18 at 64 px, batch 32, 2 threads: 2045 ms contiguous, 1625 ms channels-last."""
+    Channels-last is faster on a CPU as well (oneDNN's convolutions): forward+backward of resnet18 at 64 px,
+    batch 32, on 2 cores takes 1625 ms instead of 2045 ms (benchmarks/RESULTS.md). On a CPU, constructing
+    a ``DevicePolicy`` also tunes malloc (:func:`tune_cpu_allocator`)."""
 
     device: torch.device
 
