@@ -41,8 +41,8 @@ class GridFeatures(nn.Module):
     The image is normalised (the paper's mean and std), resized to at most ``input_size`` px, passed
     through three 3x3 convolutions (two strided) and average-pooled to the G x G grid. The input is made
     channels-last; convert the module with ``.to(memory_format=torch.channels_last)`` once initialised
-    (oneDNN's and cuDNN's faster convolutions: forward+backward of the policy at 64 px, batch 32, on a
-    2-core CPU goes from 8.2 to 5.0 ms).
+    (oneDNN's and cuDNN's faster convolutions: forward+backward of the trunk at 64 px, batch 32, on a
+    2-core CPU goes from 8.5 to 5.7 ms).
     """
 
     def __init__(self, in_channels: int, grid: int, width: int = 16, input_size: int = 64) -> None:

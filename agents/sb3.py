@@ -215,6 +215,22 @@ class BetaActorCriticPolicy(ActorCriticPolicy):
         self.to(memory_format=torch.channels_last)  # the convolutions, as in our policy (see GridFeatures)
         self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
 
+    def parameters_to_vector(self) -> np.ndarray:
+        """All parameters as one flat vector (``reshape``: the convolutions' weights are channels-last)."""
+        return torch.cat([p.detach().reshape(-1) for p in self.parameters()]).cpu().numpy()
+
+    def load_from_vector(self, vector: np.ndarray) -> None:
+        """Load :meth:`parameters_to_vector`'s vector in place, keeping every parameter's memory format."""
+        flat = torch.as_tensor(vector, dtype=torch.float32, device=self.device)
+        if flat.numel() != sum(p.numel() for p in self.parameters()):
+            raise ValueError(f"vector of {flat.numel()} values for {sum(p.numel() for p in self.parameters())} "
+                             "parameters; pass the output of parameters_to_vector() of the same policy")
+        with torch.no_grad():
+            start = 0
+            for p in self.parameters():
+                p.copy_(flat[start:start + p.numel()].view_as(p))
+                start += p.numel()
+
     def _get_action_dist_from_latent(self, latent_pi: torch.Tensor) -> BetaDistribution:
         return self.action_dist.proba_distribution(self.action_net(latent_pi))
 

@@ -347,8 +347,10 @@ class ImageDataset(Dataset):
         img = self._image(i)
         if self.train and aug_seed is not None:
             with torch.random.fork_rng(devices=[]):
-                # Only the CPU generator the transforms draw from: torch.manual_seed would also queue
-                # a reseed of every CUDA device, which costs as much as the augmentation itself.
+                # Only the CPU generator the transforms draw from. torch.manual_seed would also reseed every
+                # CUDA device (which fork_rng(devices=[]) does not restore: with workers=0 the GPU's mask
+                # sampling would follow the last image's augmentation seed), and it costs more than the
+                # augmentation itself.
                 torch.default_generator.manual_seed(aug_seed)
                 img = self.augment(img)
         elif img.shape[-2:] != (self.size, self.size):

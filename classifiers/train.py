@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +28,12 @@ MALLOC_TRIM_THRESHOLD = 1 << 30
 _allocator_tuned = False
 
 
+def leave_malloc_alone(env: Mapping[str, str]) -> bool:
+    """Whether the environment ``env`` turns the malloc tuning off or already tunes or replaces malloc."""
+    return (env.get("NOISEMASK_TUNE_MALLOC", "1") == "0" or any(k.startswith("MALLOC_") for k in env)
+            or "malloc" in env.get("GLIBC_TUNABLES", "") or "malloc" in env.get("LD_PRELOAD", ""))
+
+
 def tune_cpu_allocator() -> bool:
     """Stop glibc's malloc from handing tensor buffers back to the OS after every step; True when in effect.
 
@@ -35,12 +42,13 @@ def tune_cpu_allocator() -> bool:
     and 15 ms of a 95 ms step for smallcnn at 64 px, batch 32, on a 2-core CPU (``benchmarks/agents.py``).
     With the thresholds raised, freed blocks are reused (the cure PyTorch's CPU tuning guide gets from
     jemalloc or tcmalloc, here without preloading a library). Linux with glibc only; idempotent. Left
-    alone when ``NOISEMASK_TUNE_MALLOC=0`` or when any ``MALLOC_*`` variable already tunes malloc.
+    alone when ``NOISEMASK_TUNE_MALLOC=0``, when ``MALLOC_*`` variables or ``GLIBC_TUNABLES`` already tune
+    malloc, or when ``LD_PRELOAD`` brings another allocator.
     """
     global _allocator_tuned
     if _allocator_tuned:
         return True
-    if os.environ.get("NOISEMASK_TUNE_MALLOC", "1") == "0" or any(k.startswith("MALLOC_") for k in os.environ):
+    if leave_malloc_alone(os.environ):
         return False
     if not sys.platform.startswith("linux"):
         return False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -35,19 +36,38 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 def _faults(tune: str) -> tuple[bool, int]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")} | {"NOISEMASK_TUNE_MALLOC": tune}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES",
+                                                                                             "LD_PRELOAD")}
+    env["NOISEMASK_TUNE_MALLOC"] = tune
     out = subprocess.run([sys.executable, "-c", STEPS], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=120, check=True).stdout.split()
     return out[0] == "True", int(out[1])
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc on Linux only")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="tunes glibc's malloc (Linux with glibc only)")
 def test_tuned_allocator_reuses_freed_memory() -> None:
     tuned, faults = _faults("1")
     untuned, faults_default = _faults("0")
     assert tuned and not untuned
+    if faults_default < 16 * 100:
+        pytest.skip(f"glibc's defaults already reuse memory here ({faults_default} page faults in 16 steps; "
+                    "transparent huge pages set to always?): nothing to compare")
     # glibc's defaults map and fault in most steps' activations afresh (thousands of 4 KiB pages a step); tuned,
-    # freed blocks are reused and only the heap's occasional growth faults (measured: 0 to 12,000 against
-    # 60,000 to 110,000 over the 16 steps)
-    assert faults_default > 16 * 1000, faults_default
+    # freed blocks are reused and only the heap's occasional growth faults (measured on a 2-core VM: 0 to 12,000
+    # against 60,000 to 110,000 over the 16 steps)
     assert faults < faults_default / 3, (faults, faults_default)
+
+
+@pytest.mark.parametrize(("env", "leave"), [
+    ({}, False),
+    ({"NOISEMASK_TUNE_MALLOC": "1"}, False),
+    ({"NOISEMASK_TUNE_MALLOC": "0"}, True),
+    ({"MALLOC_ARENA_MAX": "2"}, True),
+    ({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"}, True),
+    ({"GLIBC_TUNABLES": "glibc.rtld.optional_static_tls=512"}, False),
+    ({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}, True),
+])
+def test_malloc_is_left_alone_when_asked_or_already_tuned(env: dict[str, str], leave: bool) -> None:
+    from classifiers.train import leave_malloc_alone
+
+    assert leave_malloc_alone(env) is leave

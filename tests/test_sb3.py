@@ -313,3 +313,18 @@ def test_policy_convolutions_are_channels_last_after_stable_baselines3_initialis
     assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
     w = convs[-1].weight.detach().flatten(1)  # (out, in * 3 * 3): orthonormal rows times the gain
     torch.testing.assert_close(w @ w.T, 2.0 * torch.eye(w.shape[0]), atol=1e-4, rtol=0)
+
+
+def test_parameters_round_trip_through_a_vector_keeping_channels_last() -> None:
+    """stable-baselines3's ``parameters_to_vector``/``load_from_vector`` work on channels-last weights."""
+    torch.manual_seed(0)
+    a = BetaActorCriticPolicy(*_spaces(32, 4), lambda _: 3e-4)
+    torch.manual_seed(1)
+    b = BetaActorCriticPolicy(*_spaces(32, 4), lambda _: 3e-4)
+    vec = a.parameters_to_vector()
+    assert vec.shape == (sum(p.numel() for p in a.parameters()),)
+    b.load_from_vector(vec)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb) and pb.stride() == pa.stride()
+    with pytest.raises(ValueError, match="parameters_to_vector"):
+        b.load_from_vector(vec[:-1])
