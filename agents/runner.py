@@ -20,7 +20,14 @@ from tqdm import tqdm
 
 from agents.base import Agent
 from agents.registry import make_agent
-from classifiers.checkpoint import open_run, rng_state, seed_everything, set_rng_state, write_checkpoint
+from classifiers.checkpoint import (
+    decorrelate_ranks,
+    open_run,
+    run_rng_state,
+    seed_everything,
+    set_run_rng_state,
+    write_checkpoint,
+)
 from classifiers.data import load_dataset, make_loader
 from classifiers.distributed import all_mean, barrier, init_from_env, is_main, shutdown
 from classifiers.heated import save_heated
@@ -109,12 +116,13 @@ class PretrainRunner:
         if state is not None:
             self.core.load_state_dict(state["core"])
             self.agent.load_state_dict(state["agent"])
-            set_rng_state(state["rng"])
+            set_run_rng_state(state["rng"])
             self.logger = RunLogger(self.run_dir, self.main, purge_step=self.core.global_step + 1,
                                     resume_offset=state["metrics_offset"])
         else:
             seed_everything(cfg.env.seed)
             self.core.reset(seed=cfg.env.seed)
+            decorrelate_ranks(cfg.env.seed)  # after the classifier's initialisation, which every rank shares
             self.logger = RunLogger(self.run_dir, self.main)
             if self.main:
                 write_json(self.run_dir / "config.json", asdict(cfg))
@@ -197,7 +205,7 @@ class PretrainRunner:
         state = {
             "core": self.core.state_dict(),
             "agent": self.agent.state_dict(),
-            "rng": rng_state(),
+            "rng": run_rng_state(),
             "config": asdict(self.cfg),
             "metrics_offset": self.logger.offset(),
         }

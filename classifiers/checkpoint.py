@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import random
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from classifiers.distributed import all_gather_objects, is_distributed, rank
 from classifiers.io import load_tensors, save_tensors
 from classifiers.runlog import check_writable
 
@@ -28,6 +30,34 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
+
+
+def decorrelate_ranks(seed: int) -> None:
+    """Under torch.distributed, reseed every rank's RNGs from ``(seed, rank)``, so the ranks draw different
+    random numbers (each rank's mask samples its own noise). Call it after anything that must be the
+    same on every rank (model initialisation). One process: nothing changes."""
+    if is_distributed() and torch.distributed.get_world_size() > 1:
+        seed_everything(int(np.random.SeedSequence([seed, rank()]).generate_state(1)[0]))
+
+
+def run_rng_state() -> list[dict[str, Any]]:
+    """Every rank's :func:`rng_state`, in rank order (one entry in one process); all ranks must call it."""
+    return all_gather_objects(rng_state())
+
+
+def set_run_rng_state(states: Sequence[dict[str, Any]] | dict[str, Any]) -> None:
+    """Restore this rank's entry of :func:`run_rng_state` (a single state, from an older checkpoint, is every
+    rank's). Resumed with another number of processes, rank r takes entry ``r % saved``: the run goes on, but
+    its random draws are no longer those of an uninterrupted run."""
+    if isinstance(states, dict):
+        set_rng_state(states)
+        return
+    r = rank()
+    world = torch.distributed.get_world_size() if is_distributed() else 1
+    if len(states) != world and r == 0:
+        warnings.warn(f"the checkpoint holds the random states of {len(states)} processes and {world} resume it; "
+                      "random draws will differ from an uninterrupted run", stacklevel=2)
+    set_rng_state(states[r % len(states)])
 
 
 def rng_state() -> dict[str, Any]:

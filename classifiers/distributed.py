@@ -71,6 +71,15 @@ def average_buffers(module: torch.nn.Module) -> None:
             dist.broadcast(buf, src=0)
 
 
+def all_gather_objects(obj: object) -> list:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` when not distributed."""
+    if not is_distributed():
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

@@ -42,7 +42,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from classifiers.checkpoint import open_run, rng_state, seed_everything, set_rng_state, write_checkpoint
+from classifiers.checkpoint import open_run, run_rng_state, seed_everything, set_run_rng_state, write_checkpoint
 from classifiers.data import DataSpec, load_dataset, make_loader
 from classifiers.distributed import all_mean, average_buffers, barrier, init_from_env, is_distributed, is_main, rank
 from classifiers.heated import load_heated, save_heated
@@ -247,7 +247,7 @@ class Finetuner:
             self.optimizer.load_state_dict(state["optimizer"])
             self.global_step, self.epoch = state["global_step"], state["epoch"]
             self.step_in_epoch = state["step_in_epoch"]
-            set_rng_state(state["rng"])
+            set_run_rng_state(state["rng"])
             self.logger = RunLogger(self.run_dir, self.main, purge_step=self.global_step + 1,
                                     resume_offset=state["metrics_offset"])
         else:
@@ -308,7 +308,7 @@ class Finetuner:
             "global_step": self.global_step,
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
-            "rng": rng_state(),
+            "rng": run_rng_state(),
             "config": asdict(self.cfg),
             "metrics_offset": self.logger.offset(),
         }

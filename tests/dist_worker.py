@@ -35,6 +35,21 @@ def pretrain(out: Path, run_dir: str) -> None:
                out / f"rank{rank()}.pt")
 
 
+def random_streams(out: Path, run_dir: str) -> None:
+    """Each rank's next random draws after a fresh start, after a checkpoint, and after resuming from it."""
+    cfg = PretrainConfig(algo="reinforce", env=EnvConfig(dataset="synthrad?n_train=256&n_val=32&n_test=32",
+                                                         batch_size=8, image_size=32, grid=8, device="cpu"),
+                         max_steps=6, run_dir=run_dir)
+    runner = PretrainRunner(cfg)
+    first = torch.rand(8)
+    runner.save_checkpoint()
+    after_checkpoint = torch.rand(8)
+    torch.manual_seed(12345)  # anything: resuming must restore this rank's own state
+    PretrainRunner(cfg, resume=True)
+    resumed = torch.rand(8)
+    torch.save({"first": first, "after_checkpoint": after_checkpoint, "resumed": resumed}, out / f"rank{rank()}.pt")
+
+
 def finetune(out: Path, run_dir: str) -> None:
     """A short fine-tuning from scratch; every rank saves its model weights."""
     data = "synthrad:unseen?n_train=192&n_val=24&n_test=24"
@@ -76,6 +91,8 @@ if __name__ == "__main__":
             pretrain(out, sys.argv[3])
         elif mode == "finetune":
             finetune(out, sys.argv[3])
+        elif mode == "random_streams":
+            random_streams(out, sys.argv[3])
         else:
             equivalence(out, int(sys.argv[3]))
     finally:

@@ -66,3 +66,17 @@ def test_two_processes_of_batch_b_update_like_one_of_batch_2b(tmp_path: Path, gl
     assert_same_state(two[0]["policy"], two[1]["policy"])
     assert_same_state(two[0]["policy"], one["policy"], atol=1e-5)
     assert torch.allclose(two[0]["baseline"], one["baseline"], atol=1e-6)
+
+
+def test_ranks_draw_different_random_numbers_and_each_resumes_its_own(tmp_path: Path) -> None:
+    """Every rank samples its own mask noise (not rank 0's numbers on every rank), and a checkpoint holds every
+    rank's random state, so each rank resumes its own stream exactly."""
+    out = tmp_path / "out"
+    out.mkdir()
+    torchrun(2, "random_streams", str(out), str(tmp_path / "run"))
+    r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert not torch.equal(r0["first"], r1["first"])
+    for r in (r0, r1):
+        assert torch.equal(r["resumed"], r["after_checkpoint"])
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["rng"]
+    assert isinstance(saved, list) and len(saved) == 2

@@ -160,3 +160,23 @@ def test_finetune_killed_and_resumed_equals_uninterrupted(tmp_path: Path) -> Non
     assert_equal_states(a["state_dict"], b["state_dict"])
     assert comparable_metrics(whole / "metrics.jsonl") == comparable_metrics(broken / "metrics.jsonl")
     assert json.loads((whole / "metrics.json").read_text()) == json.loads((broken / "metrics.json").read_text())
+
+
+def test_random_states_restore_from_the_list_and_from_an_older_single_state(tmp_path: Path) -> None:
+    """Checkpoints hold a list of per-rank random states (one in one process); a checkpoint written before that,
+    holding one state, still resumes the same stream."""
+    import numpy as np
+
+    from classifiers.checkpoint import rng_state, run_rng_state, set_run_rng_state
+    from classifiers.io import load_tensors, save_tensors
+
+    torch.manual_seed(3)
+    np.random.seed(3)
+    save_tensors({"list": run_rng_state(), "single": rng_state()}, tmp_path / "rng.pt")
+    expected = (torch.rand(4), np.random.rand(2))
+    saved = load_tensors(tmp_path / "rng.pt")
+    assert isinstance(saved["list"], list) and len(saved["list"]) == 1
+    for key in ("list", "single"):
+        torch.manual_seed(99)
+        set_run_rng_state(saved[key])
+        assert torch.equal(torch.rand(4), expected[0]) and np.array_equal(np.random.rand(2), expected[1]), key
