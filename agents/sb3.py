@@ -64,6 +64,7 @@ from agents.base import Agent
 from agents.policy import CONC_MAX, CONC_MIN, GridFeatures, mask_log_prob, sample_mask
 from agents.registry import register
 from classifiers.io import atomic_write
+from classifiers.train import NonFiniteError
 from envs.core import PretrainCore, StepResult
 from envs.vec_env import NoiseMaskVecEnv
 
@@ -104,6 +105,9 @@ class BetaDistribution(Distribution):
 
     def proba_distribution(self, params: torch.Tensor) -> BetaDistribution:
         """Set the distribution from raw parameters of shape ``(N, 2 * action_dim)``."""
+        if not bool(torch.isfinite(params).all()):
+            raise NonFiniteError(f"the policy's Beta parameters are not finite (value {params.flatten()[:4].tolist()});"
+                                 " nothing was updated with them. Lower --policy-lr or check the inputs")
         raw_alpha, raw_beta = params.chunk(2, dim=-1)
         self.distribution = Beta(beta_concentration(raw_alpha), beta_concentration(raw_beta))
         return self
@@ -454,6 +458,9 @@ class SB3Agent(Agent):
         remaining = self.total_steps - self.core.global_step
         try:
             model.learn(remaining * num_envs, callback=callback, log_interval=1, reset_num_timesteps=False)
+        except NonFiniteError as exc:
+            where = "updating from the rollout that ended" if self.untrained_steps >= self.cfg.n_steps else "acting"
+            raise NonFiniteError(f"{exc} (while {where} at step {self.core.global_step})") from None
         finally:
             logger.close()
         if not callback.stopped_mid_rollout:

@@ -28,6 +28,7 @@ from agents.sb3 import (
     beta_concentration,
 )
 from classifiers.io import load_tensors
+from classifiers.train import NonFiniteError
 from envs.core import EnvConfig, PretrainCore
 
 ALGOS = {"ppo": PPO, "a2c": A2C}
@@ -81,7 +82,7 @@ def test_beta_samples_lie_in_the_unit_interval_and_follow_the_distribution() -> 
 def test_non_finite_parameters_are_refused() -> None:
     params = torch.zeros(2, 8)
     params[1, 3] = float("nan")
-    with pytest.raises(ValueError, match="concentration"):
+    with pytest.raises(NonFiniteError, match="Beta parameters are not finite"):
         BetaDistribution(4).proba_distribution(params)
 
 
