@@ -116,7 +116,7 @@ class PretrainRunner:
         if state is not None:
             self.core.load_state_dict(state["core"])
             self.agent.load_state_dict(state["agent"])
-            set_run_rng_state(state["rng"])
+            set_run_rng_state(state["rng"], cfg.env.seed, self.core.global_step)
             self.logger = RunLogger(self.run_dir, self.main, purge_step=self.core.global_step + 1,
                                     resume_offset=state["metrics_offset"])
         else:

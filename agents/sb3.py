@@ -105,9 +105,12 @@ class BetaDistribution(Distribution):
 
     def proba_distribution(self, params: torch.Tensor) -> BetaDistribution:
         """Set the distribution from raw parameters of shape ``(N, 2 * action_dim)``."""
-        if not bool(torch.isfinite(params).all()):
-            raise NonFiniteError(f"the policy's Beta parameters are not finite (value {params.flatten()[:4].tolist()});"
-                                 " nothing was updated with them. Lower --policy-lr or check the inputs")
+        finite = torch.isfinite(params)
+        if not bool(finite.all()):
+            bad = params[~finite]
+            raise NonFiniteError(f"{bad.numel()} of the policy's {params.numel()} Beta parameters are not finite "
+                                 f"(for example {bad[:4].tolist()}); nothing was updated with them. Lower "
+                                 "--policy-lr or check the inputs")
         raw_alpha, raw_beta = params.chunk(2, dim=-1)
         self.distribution = Beta(beta_concentration(raw_alpha), beta_concentration(raw_beta))
         return self
@@ -410,6 +413,8 @@ class SB3Agent(Agent):
         When the run will end before the next boundary, a checkpoint is written here even if none is due,
         so a run that stops mid-rollout leaves one from which ``--resume`` is exact.
         """
+        if self.untrained_steps:
+            self._check_updated_policy()
         self.untrained_steps = 0
         logger = self.model.logger
         stats = {k: float(v) for k, v in logger.name_to_value.items() if k.startswith("train/")
@@ -418,6 +423,15 @@ class SB3Agent(Agent):
             self.train_stats = stats
         last = self.total_steps - self.core.global_step < self.cfg.n_steps
         self.runner.save_pending_checkpoint(force=last)
+
+    def _check_updated_policy(self) -> None:
+        """After an update, refuse non-finite policy weights before a checkpoint can hold them (one device sync):
+        a diverging PPO ratio can overflow and leave NaN weights behind finite Beta parameters."""
+        policy = self.model.policy
+        if not bool(torch.stack([torch.isfinite(p).all() for p in policy.parameters()]).all()):
+            bad = [name for name, p in policy.named_parameters() if not bool(torch.isfinite(p).all())]
+            raise NonFiniteError(f"the policy's weights are not finite after its update ({', '.join(bad[:3])}); "
+                                 "nothing was saved from it. Lower --policy-lr or check the inputs")
 
     def _on_env_step(self, result: StepResult, grid: torch.Tensor) -> None:
         """Called by the VecEnv after every classifier step, before any automatic reset."""
@@ -458,6 +472,8 @@ class SB3Agent(Agent):
         remaining = self.total_steps - self.core.global_step
         try:
             model.learn(remaining * num_envs, callback=callback, log_interval=1, reset_num_timesteps=False)
+            if self.untrained_steps and not callback.stopped_mid_rollout:
+                self._check_updated_policy()  # the last update, before the final checkpoint
         except NonFiniteError as exc:
             where = "updating from the rollout that ended" if self.untrained_steps >= self.cfg.n_steps else "acting"
             raise NonFiniteError(f"{exc} (while {where} at step {self.core.global_step})") from None

@@ -32,12 +32,12 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
 
 
-def decorrelate_ranks(seed: int) -> None:
-    """Under torch.distributed, reseed every rank's RNGs from ``(seed, rank)``, so the ranks draw different
+def decorrelate_ranks(seed: int, *more: int) -> None:
+    """Under torch.distributed, reseed every rank's RNGs from ``(seed, *more, rank)``, so the ranks draw different
     random numbers (each rank's mask samples its own noise). Call it after anything that must be the
     same on every rank (model initialisation). One process: nothing changes."""
     if is_distributed() and torch.distributed.get_world_size() > 1:
-        seed_everything(int(np.random.SeedSequence([seed, rank()]).generate_state(1)[0]))
+        seed_everything(int(np.random.SeedSequence([seed, *more, rank()]).generate_state(1)[0]))
 
 
 def run_rng_state() -> list[dict[str, Any]]:
@@ -45,19 +45,24 @@ def run_rng_state() -> list[dict[str, Any]]:
     return all_gather_objects(rng_state())
 
 
-def set_run_rng_state(states: Sequence[dict[str, Any]] | dict[str, Any]) -> None:
-    """Restore this rank's entry of :func:`run_rng_state` (a single state, from an older checkpoint, is every
-    rank's). Resumed with another number of processes, rank r takes entry ``r % saved``: the run goes on, but
-    its random draws are no longer those of an uninterrupted run."""
-    if isinstance(states, dict):
-        set_rng_state(states)
-        return
-    r = rank()
+def set_run_rng_state(states: Sequence[dict[str, Any]] | dict[str, Any], seed: int, step: int) -> None:
+    """Restore this rank's entry of :func:`run_rng_state`.
+
+    When the checkpoint holds another number of states than there are processes now (resumed with another
+    ``--nproc_per_node``, or a single state from an older checkpoint under torchrun), every rank is reseeded
+    from ``(seed, step, rank)`` instead, so the ranks still draw different numbers; the run goes on, but its
+    random draws are no longer those of an uninterrupted run (a warning says so)."""
+    saved = [states] if isinstance(states, dict) else list(states)
     world = torch.distributed.get_world_size() if is_distributed() else 1
-    if len(states) != world and r == 0:
-        warnings.warn(f"the checkpoint holds the random states of {len(states)} processes and {world} resume it; "
-                      "random draws will differ from an uninterrupted run", stacklevel=2)
-    set_rng_state(states[r % len(states)])
+    if len(saved) == world:
+        set_rng_state(saved[rank()])
+        return
+    if rank() == 0:
+        warnings.warn(f"the checkpoint holds the random states of {len(saved)} process(es) and {world} resume it; "
+                      f"each is reseeded from (seed, step {step}, rank), so random draws differ from an "
+                      "uninterrupted run", stacklevel=2)
+    set_rng_state(saved[0])
+    decorrelate_ranks(seed, step)
 
 
 def rng_state() -> dict[str, Any]:

@@ -247,7 +247,7 @@ class Finetuner:
             self.optimizer.load_state_dict(state["optimizer"])
             self.global_step, self.epoch = state["global_step"], state["epoch"]
             self.step_in_epoch = state["step_in_epoch"]
-            set_run_rng_state(state["rng"])
+            set_run_rng_state(state["rng"], cfg.seed, self.global_step)
             self.logger = RunLogger(self.run_dir, self.main, purge_step=self.global_step + 1,
                                     resume_offset=state["metrics_offset"])
         else:

@@ -178,28 +178,48 @@ def test_random_states_restore_from_the_list_and_from_an_older_single_state(tmp_
     assert isinstance(saved["list"], list) and len(saved["list"]) == 1
     for key in ("list", "single"):
         torch.manual_seed(99)
-        set_run_rng_state(saved[key])
+        set_run_rng_state(saved[key], seed=0, step=0)
         assert torch.equal(torch.rand(4), expected[0]) and np.array_equal(np.random.rand(2), expected[1]), key
 
 
-def test_non_finite_ppo_policy_stops_the_run_naming_the_step(tmp_path, monkeypatch):
-    """stable-baselines3's update meets NaN features: the run stops with the step named, and the last checkpoint
-    (taken at a rollout boundary) holds only finite weights."""
+@pytest.mark.parametrize(("poison", "where", "saved_step"), [
+    ("features in the update", "updating from the rollout that ended at step 16", 8),
+    ("weights after the update", "updating from the rollout that ended at step 16", 8),
+    ("features when acting", "acting at step 16", 16),
+])
+def test_non_finite_ppo_policy_stops_the_run_naming_the_step(tmp_path, monkeypatch, poison, where, saved_step):
+    """NaN reaches stable-baselines3's PPO (rollouts of 8 steps) during, after or between its updates: the run
+    stops naming the step, and the last checkpoint (taken at a rollout boundary) holds only finite weights."""
+    from stable_baselines3 import PPO
+
     from agents.runner import PretrainConfig, PretrainRunner
     from agents.sb3 import MaskFeaturesExtractor
     from classifiers.train import NonFiniteError
     from envs.core import EnvConfig
 
-    # 9 extractor calls per rollout of 8 steps (one per step, one for the last values), 40 per PPO update
-    # (10 epochs x 4 minibatches): call 60 falls in the update after the second rollout, at step 16.
-    monkeypatch.setattr(MaskFeaturesExtractor, "forward", _nan_after(60, MaskFeaturesExtractor.forward))
+    nan_features, updates = [False], [0]
+    train, features = PPO.train, MaskFeaturesExtractor.forward
+
+    def poisoned_train(self):
+        updates[0] += 1
+        second = updates[0] == 2  # the update after the second rollout, at step 16
+        nan_features[0] |= second and poison == "features in the update"
+        train(self)
+        if second and poison == "weights after the update":  # what an overflowing probability ratio leaves
+            with torch.no_grad():
+                next(self.policy.parameters()).fill_(float("nan"))
+        nan_features[0] |= second and poison == "features when acting"
+
+    monkeypatch.setattr(PPO, "train", poisoned_train)
+    monkeypatch.setattr(MaskFeaturesExtractor, "forward",
+                        lambda self, obs: features(self, obs) * (float("nan") if nan_features[0] else 1.0))
     env = EnvConfig(dataset="synthrad?n_train=192&n_val=24&n_test=24", batch_size=8, image_size=32, grid=8,
                     device="cpu")
     cfg = PretrainConfig(algo="ppo", env=env, max_steps=40, run_dir=str(tmp_path / "run"), ckpt_every=4)
-    with pytest.raises(NonFiniteError, match=r"Beta parameters are not finite .*updating from the rollout that ended "
-                                             r"at step 16"):
+    with pytest.raises(NonFiniteError, match=r"not finite .*while " + where):
         PretrainRunner(cfg).run()
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
-    assert state["core"]["global_step"] == 8
-    for tensor in state["core"]["classifier"].values():
-        assert torch.isfinite(tensor.float()).all()
+    assert state["core"]["global_step"] == saved_step
+    for part in (state["core"]["classifier"], state["agent"]["policy"]):
+        for tensor in part.values():
+            assert torch.isfinite(tensor.float()).all()
