@@ -35,11 +35,15 @@ def pretrain(out: Path, run_dir: str) -> None:
                out / f"rank{rank()}.pt")
 
 
+def streams_config(run_dir: str) -> PretrainConfig:
+    return PretrainConfig(algo="reinforce", env=EnvConfig(dataset="synthrad?n_train=256&n_val=32&n_test=32",
+                                                          batch_size=8, image_size=32, grid=8, device="cpu"),
+                          max_steps=6, run_dir=run_dir)
+
+
 def random_streams(out: Path, run_dir: str) -> None:
     """Each rank's next random draws after a fresh start, after a checkpoint, and after resuming from it."""
-    cfg = PretrainConfig(algo="reinforce", env=EnvConfig(dataset="synthrad?n_train=256&n_val=32&n_test=32",
-                                                         batch_size=8, image_size=32, grid=8, device="cpu"),
-                         max_steps=6, run_dir=run_dir)
+    cfg = streams_config(run_dir)
     runner = PretrainRunner(cfg)
     first = torch.rand(8)
     runner.save_checkpoint()
@@ -48,6 +52,12 @@ def random_streams(out: Path, run_dir: str) -> None:
     PretrainRunner(cfg, resume=True)
     resumed = torch.rand(8)
     torch.save({"first": first, "after_checkpoint": after_checkpoint, "resumed": resumed}, out / f"rank{rank()}.pt")
+
+
+def resumed_draws(out: Path, run_dir: str) -> None:
+    """Each rank's first random draws after resuming ``run_dir`` (written by another number of processes)."""
+    PretrainRunner(streams_config(run_dir), resume=True)
+    torch.save({"resumed": torch.rand(8)}, out / f"rank{rank()}.pt")
 
 
 def finetune(out: Path, run_dir: str) -> None:
@@ -93,6 +103,8 @@ if __name__ == "__main__":
             finetune(out, sys.argv[3])
         elif mode == "random_streams":
             random_streams(out, sys.argv[3])
+        elif mode == "resumed_draws":
+            resumed_draws(out, sys.argv[3])
         else:
             equivalence(out, int(sys.argv[3]))
     finally:

@@ -80,3 +80,18 @@ def test_ranks_draw_different_random_numbers_and_each_resumes_its_own(tmp_path: 
         assert torch.equal(r["resumed"], r["after_checkpoint"])
     saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["rng"]
     assert isinstance(saved, list) and len(saved) == 2
+
+
+def test_ranks_resuming_a_one_process_checkpoint_still_draw_different_numbers(tmp_path: Path) -> None:
+    """A checkpoint with one random state, resumed by two processes: each rank is reseeded from (seed, step, rank)
+    rather than both continuing the one saved stream."""
+    from dist_worker import streams_config
+
+    from agents.runner import PretrainRunner
+
+    PretrainRunner(streams_config(str(tmp_path / "run"))).save_checkpoint()
+    out = tmp_path / "out"
+    out.mkdir()
+    torchrun(2, "resumed_draws", str(out), str(tmp_path / "run"))
+    r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert not torch.equal(r0["resumed"], r1["resumed"])
