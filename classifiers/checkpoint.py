@@ -58,9 +58,9 @@ def set_run_rng_state(states: Sequence[dict[str, Any]] | dict[str, Any], seed: i
         set_rng_state(saved[rank()])
         return
     if rank() == 0:
+        how = f"each is reseeded from (seed, step {step}, rank)" if world > 1 else "it continues rank 0's state"
         warnings.warn(f"the checkpoint holds the random states of {len(saved)} process(es) and {world} resume it; "
-                      f"each is reseeded from (seed, step {step}, rank), so random draws differ from an "
-                      "uninterrupted run", stacklevel=2)
+                      f"{how}, so random draws differ from an uninterrupted run", stacklevel=2)
     set_rng_state(saved[0])
     decorrelate_ranks(seed, step)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import sys
+import platform
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -39,7 +39,7 @@ def tune_cpu_allocator() -> bool:
 
     By default glibc serves large blocks with ``mmap`` and trims the heap on free, so every training step
     maps its activations afresh and the kernel zeroes each page on first touch: about 13,000 page faults
-    and 15 ms of a 95 ms step for smallcnn at 64 px, batch 32, on a 2-core CPU (``benchmarks/agents.py``).
+    and 15 ms of a 95 ms step for smallcnn at 64 px, batch 32, on a 2-core CPU (benchmarks/RESULTS.md).
     With the thresholds raised, freed blocks are reused (the cure PyTorch's CPU tuning guide gets from
     jemalloc or tcmalloc, here without preloading a library). Linux with glibc only; idempotent. Left
     alone when ``NOISEMASK_TUNE_MALLOC=0``, when ``MALLOC_*`` variables or ``GLIBC_TUNABLES`` already tune
@@ -50,12 +50,11 @@ def tune_cpu_allocator() -> bool:
         return True
     if leave_malloc_alone(os.environ):
         return False
-    if not sys.platform.startswith("linux"):
+    if platform.libc_ver()[0] != "glibc":  # other C libraries have their own mallopt, or none
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.gnu_get_libc_version  # noqa: B018  (glibc only: other C libraries have their own mallopt)
-    except (OSError, AttributeError):
+    except OSError:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
     _allocator_tuned = (libc.mallopt(m_mmap_threshold, MALLOC_MMAP_THRESHOLD) == 1
