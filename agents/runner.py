@@ -133,7 +133,8 @@ class PretrainRunner:
     def _flat_config(self) -> dict[str, Any]:
         c = asdict(self.cfg)
         return {**{f"env.{k}": v for k, v in c.pop("env").items()},
-                **{f"agent.{k}": v for k, v in c.pop("agent").items()}, **c}
+                **{f"agent.{k}": v for k, v in c.pop("agent").items()}, **c,
+                "resolved_device": str(self.core.dev.device), "resolved_precision": self.core.dev.precision}
 
     def done(self) -> bool:
         return self.core.global_step >= self.total_steps
@@ -217,7 +218,7 @@ class PretrainRunner:
     def run(self) -> Path:
         """Train to the end; write ``heated.pt``; return the run folder."""
         self.pbar = tqdm(total=self.total_steps, initial=self.core.global_step, disable=not self.main,
-                         desc=f"pretrain {self.cfg.algo}", unit="step", dynamic_ncols=True)
+                         desc=f"pretrain {self.cfg.algo} ({self.core.dev.precision})", unit="step", dynamic_ncols=True)
         try:
             if not self.done():
                 self.agent.learn(self)

@@ -50,8 +50,9 @@ from envs.core import EnvConfig
 
 BASELINE = "none"
 DEFAULT_METHODS = ("none", "uniform-mask", "gaussian-noise", "reinforce", "reinforce-official", SCRATCH)
-PRETRAIN_FREE = ("run_dir", "device", "workers")
-"""Settings that do not change what a pretraining run computes (left out of its key)."""
+PRETRAIN_FREE = ("run_dir", "device", "precision", "workers")
+"""Settings left out of a pretraining run's key: where it computes, in which arithmetic (a GPU's bf16 and a CPU's
+fp32 differ only in rounding) and how its data is loaded."""
 
 
 @dataclass
@@ -99,6 +100,8 @@ class StudyConfig:
     """Fine-tuning warm-up epochs (the paper: 7 of 10)."""
     device: str = "auto"
     """auto, cpu or cuda."""
+    precision: str = "auto"
+    """The classifiers' arithmetic: bf16, fp32 or auto (see ``classifiers.train.resolve_precision``)."""
     workers: int = 0
     """DataLoader worker processes."""
     threads: int | None = None
@@ -162,7 +165,7 @@ class StudyConfig:
                         image_size=self.image_size, grid=self.grid, blur_kernel=self.blur_kernel,
                         blur_sigma=self.blur_sigma, lr=self.pretrain_lr,
                         lr_step_epochs=max(1, round(self.pretrain_epochs / 3)), seed=seed, device=self.device,
-                        workers=self.workers)
+                        precision=self.precision, workers=self.workers)
         return PretrainConfig(algo=method, env=env, epochs=self.pretrain_epochs, max_steps=self.pretrain_steps,
                               run_dir=str(run_dir))
 
@@ -179,7 +182,8 @@ class StudyConfig:
             image_size=self.image_size, channels=1 if grayscale else None,
             epochs=self.fewshot_epochs if k and self.fewshot_epochs else self.finetune_epochs,
             lr=self.scratch_lr if scratch else self.finetune_lr, warmup_epochs=self.warmup_epochs,
-            batch_size=self.batch_size, train_per_class=k, seed=seed, device=self.device, workers=self.workers)
+            batch_size=self.batch_size, train_per_class=k, seed=seed, device=self.device, precision=self.precision,
+            workers=self.workers)
 
 
 def parse_target(target: str) -> tuple[str, int | None]:

@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agents.registry import make_agent  # noqa: E402
 from classifiers.data import DataSpec, load_dataset  # noqa: E402
+from classifiers.train import resolve_device, resolve_precision  # noqa: E402
 from envs.core import EnvConfig, PretrainCore, StepResult  # noqa: E402
 
 ALGOS = ("none", "reinforce", "ppo", "a2c")
@@ -88,7 +89,8 @@ class StepClock:
 def build(args: argparse.Namespace, data: DataSpec, algo: str) -> tuple[PretrainCore, Any, StepClock]:
     """A fresh environment core (seeded) and a bound agent; the agent's options as in ``scripts/pretrain.py``."""
     cfg = EnvConfig(dataset=args.dataset, classifier=args.classifier, batch_size=args.batch_size,
-                    image_size=args.image_size, grid=args.grid, device=args.device, seed=0)
+                    image_size=args.image_size, grid=args.grid, device=args.device,
+                    precision=args.precision, seed=0)
     core = PretrainCore(cfg, data=data)
     options = {"n_steps": args.n_steps, "n_epochs": args.n_epochs, "sb3_batch_size": args.sb3_batch_size,
                "policy_width": args.policy_width}
@@ -165,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--grid", type=int, default=16)
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", help="the classifier's arithmetic: auto, bf16 or fp32")
     p.add_argument("--n-steps", type=int, default=None, help="ppo/a2c rollout length (default: the agents')")
     p.add_argument("--n-epochs", type=int, default=None, help="ppo epochs per rollout (default: the agent's)")
     p.add_argument("--sb3-batch-size", type=int, default=None, help="ppo minibatch (default: the agent's)")
@@ -198,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.cuda.get_device_name() if cuda else f"{platform.processor() or platform.machine()} CPU, " \
         f"{torch.get_num_threads()} threads"
     width = f", policy width {args.policy_width}" if args.policy_width else ""
+    device += f", classifier in {resolve_precision(args.precision, resolve_device(args.device))}"
     print(f"\n{args.classifier}, {args.image_size} px, batch {args.batch_size}, grid {args.grid}{width}, {device}; "
           f"median of {args.rounds} rounds of {args.steps} steps after {args.warmup}\n")
     mem_col = "peak CUDA memory (MiB)" if cuda else "peak RSS growth (MiB)"

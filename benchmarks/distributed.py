@@ -28,7 +28,7 @@ def measure(nproc: int, a: argparse.Namespace, out: Path) -> float:
            "--classifier", a.classifier, "--image-size", str(a.image_size), "--grid", str(a.grid),
            "--batch-size", str(a.batch_size), "--max-steps", str(a.steps), "--log-every", "10",
            "--ckpt-every", str(a.steps), "--image-every", str(10 * a.steps), "--device", a.device,
-           "--dataset", a.dataset, "--run-dir", str(run_dir)]
+           "--precision", a.precision, "--dataset", a.dataset, "--run-dir", str(run_dir)]
     threads = max(1, (os.cpu_count() or 1) // nproc) if a.device == "cpu" else 1
     subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -46,12 +46,14 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32, help="per process")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="auto", help="the classifier's arithmetic: auto, bf16 or fp32")
     p.add_argument("--dataset", default="synthrad?n_train=4000&n_val=64&n_test=64")
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         results = {n: measure(n, a, Path(tmp)) for n in a.nprocs}
     base = results[a.nprocs[0]]
-    print(f"{a.algo}, {a.classifier}, {a.image_size} px, batch {a.batch_size} per process, {a.device}\n")
+    print(f"{a.algo}, {a.classifier}, {a.image_size} px, batch {a.batch_size} per process, {a.device}, "
+          f"precision {a.precision}\n")
     print("| processes | images/s (all processes) | vs first |\n|-|-|-|")
     for n, v in results.items():
         print(f"| {n} | {v:.1f} | {v / base:.2f}x |")

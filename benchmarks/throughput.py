@@ -53,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per agent before the rounds")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--precision", default="auto", help="the classifier's arithmetic: auto, bf16 or fp32")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
     p.add_argument("--n-train", type=int, default=2048, help="synthrad training images (epoch ends are untimed)")
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     dataset = f"synthrad?n_train={args.n_train}&n_val=16&n_test=16"
     cfg = EnvConfig(dataset=dataset, classifier=args.classifier, batch_size=args.batch_size,
                     image_size=args.image_size, grid=args.grid, blur_kernel=args.blur_kernel,
-                    blur_sigma=args.blur_sigma, device=args.device, workers=args.workers)
+                    blur_sigma=args.blur_sigma, device=args.device, precision=args.precision, workers=args.workers)
     core = PretrainCore(cfg)
     core.reset(seed=0)
     clock = Clock(core.dev.device)
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     classifier_params = sum(p.numel() for p in core.classifier.parameters())
     print(f"\n{args.classifier}, {args.image_size} px, batch {b}, grid {args.grid}, blur {args.blur_kernel}/"
           f"{args.blur_sigma}; {args.rounds} rounds x {n} steps after {args.warmup} warm-up steps per agent")
-    print(f"machine: {describe_machine(core.dev.device)}")
+    print(f"machine: {describe_machine(core.dev.device)}; classifier in {core.dev.precision}")
     print(f"classifier parameters: {classifier_params:,}")
     for name, agent in agents.items():
         if hasattr(agent, "policy"):

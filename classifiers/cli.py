@@ -6,12 +6,12 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from classifiers.train import NonFiniteError
+from classifiers.train import PRECISIONS, NonFiniteError
 
 
 def add_common_arguments(p: argparse.ArgumentParser, default_dataset: str | None,
                          classifiers: tuple[str, ...]) -> None:
-    """Arguments every training script takes: data, model, schedule, seed, device, run folder."""
+    """Arguments every training script takes: data, model, schedule, seed, device, precision, run folder."""
     p.add_argument("--dataset", default=default_dataset,
                    help="synthrad, synthrad:unseen, imagefolder:PATH or medmnist:PATH.npz")
     p.add_argument("--classifier", default="smallcnn", help=f"architecture: {', '.join(classifiers)}")
@@ -20,6 +20,9 @@ def add_common_arguments(p: argparse.ArgumentParser, default_dataset: str | None
     p.add_argument("--epochs", type=int, default=1, help="passes over the training set")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="the classifier's arithmetic: bf16 autocast or fp32; auto: bf16 on a GPU that computes it "
+                        "natively and on a CPU with AMX, fp32 elsewhere")
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
     p.add_argument("--run-dir", default=None, help="run folder (default: a new folder under runs/)")
 

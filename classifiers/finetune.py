@@ -49,14 +49,15 @@ from classifiers.heated import load_heated, save_heated
 from classifiers.metrics import METRIC_NAMES
 from classifiers.models import ARCHITECTURES, build_classifier, replace_head
 from classifiers.runlog import RunLogger, ScalarWindow, hparams_table, write_json
-from classifiers.train import DevicePolicy, Normalizer, evaluate, resolve_device, supervised_step
+from classifiers.train import PRECISIONS, DevicePolicy, Normalizer, evaluate, resolve_device, supervised_step
 
 SCRATCH = "scratch"
 SCHEDULES = ("constant", "cosine")
 WARMUP_START = 0.01
 """The warm-up's first learning rate, as a fraction of ``lr`` (torchvision's ``lr_warmup_decay``)."""
-RESUME_FREE = ("device", "workers", "run_dir")
-"""Settings a resumed run may change: they do not change what is computed."""
+RESUME_FREE = ("device", "precision", "workers", "run_dir")
+"""Settings a resumed run may change: where and in which arithmetic it computes (like a GPU's bf16 against a
+CPU's fp32, only the rounding differs), and the bookkeeping."""
 
 
 @dataclass
@@ -95,6 +96,8 @@ class FinetuneConfig:
     """Seeds a new head or scratch model, the data order, the augmentation and the few-shot subset."""
     device: str = "auto"
     """auto, cpu or cuda."""
+    precision: str = "auto"
+    """The model's arithmetic: ``bf16`` autocast, ``fp32`` or ``auto`` (see ``classifiers.train.resolve_precision``)."""
     workers: int = 0
     """DataLoader worker processes."""
     run_dir: str = ""
@@ -137,6 +140,8 @@ class FinetuneConfig:
             raise ValueError(f"train_per_class {self.train_per_class} must be at least 1 (or None for all images)")
         if self.workers < 0:
             raise ValueError(f"workers {self.workers} must be 0 or more")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; use {', '.join(PRECISIONS)}")
         for name in ("batch_size", "log_every", "ckpt_every", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} {getattr(self, name)} must be at least 1")
@@ -211,7 +216,7 @@ class Finetuner:
         if state is not None:
             _check_same_config(FinetuneConfig.from_dict(state["config"]), cfg, self.run_dir)
         self.cfg = cfg
-        self.dev = DevicePolicy(resolve_device(cfg.device))
+        self.dev = DevicePolicy(resolve_device(cfg.device), cfg.precision)
         self.data = load_dataset(cfg.dataset, image_size=cfg.image_size or info["image_size"],
                                  channels=info["in_channels"], train_per_class=cfg.train_per_class, seed=cfg.seed)
         model, self.head = fit_head(start, info, self.data, cfg)
@@ -257,7 +262,8 @@ class Finetuner:
                 write_json(self.run_dir / "config.json", asdict(cfg))
                 self.logger.text("hyperparameters", hparams_table(
                     asdict(cfg) | {"head": self.head, "arch": self.arch, "train_images": n_train,
-                                   "effective_batch_size": self.batch_size * world}))
+                                   "effective_batch_size": self.batch_size * world,
+                                   "resolved_device": str(self.dev.device), "resolved_precision": self.dev.precision}))
         self.window = ScalarWindow()
         self.pbar: tqdm | None = None
 
@@ -319,7 +325,8 @@ class Finetuner:
     def run(self) -> Path:
         """Train to the end; write ``model.pt`` and then ``metrics.json``; return the run folder."""
         self.pbar = tqdm(total=self.total_steps, initial=self.global_step, disable=not self.main,
-                         desc=f"finetune {Path(self.cfg.init).parent.name or self.cfg.init}", unit="step",
+                         desc=f"finetune {Path(self.cfg.init).parent.name or self.cfg.init} ({self.dev.precision})",
+                         unit="step",
                          dynamic_ncols=True)
         try:
             while self.epoch < self.cfg.epochs:

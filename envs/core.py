@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from classifiers.data import DataSpec, load_dataset, make_loader
 from classifiers.distributed import average_buffers
 from classifiers.models import ARCHITECTURES, build_classifier
-from classifiers.train import DevicePolicy, Normalizer, resolve_device, supervised_step
+from classifiers.train import DevicePolicy, Normalizer, resolve_device, resolve_precision, supervised_step
 from envs.masks import NoiseMask
 
 REWARDS = ("classifiable", "adversarial", "correct")
@@ -59,6 +59,9 @@ class EnvConfig:
     """Seeds the classifier's initialisation and the data order."""
     device: str = "auto"
     """auto, cpu or cuda."""
+    precision: str = "auto"
+    """The classifier's arithmetic: ``bf16`` autocast, ``fp32``, or ``auto`` (bf16 on a GPU that computes it natively
+    and on a CPU with AMX, fp32 elsewhere; see ``classifiers.train.resolve_precision``). Policies stay float32."""
     workers: int = 0
     """DataLoader worker processes."""
     sync_bn: bool = False
@@ -83,7 +86,7 @@ class EnvConfig:
         if self.lr_step_epochs < 1:
             raise ValueError(f"lr_step_epochs {self.lr_step_epochs} must be at least 1")
         NoiseMask(self.image_size, self.grid, self.blur_kernel, self.blur_sigma)
-        resolve_device(self.device)
+        resolve_precision(self.precision, resolve_device(self.device))
 
 
 @dataclass
@@ -111,7 +114,7 @@ class PretrainCore:
     def __init__(self, cfg: EnvConfig, data: DataSpec | None = None) -> None:
         cfg.validate()
         self.cfg = cfg
-        self.dev = DevicePolicy(resolve_device(cfg.device))
+        self.dev = DevicePolicy(resolve_device(cfg.device), cfg.precision)
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
         self.world_size = dist.get_world_size() if self.distributed else 1

@@ -22,6 +22,7 @@ from agents.registry import algo_names
 from agents.study import Study, StudyConfig
 from classifiers.cli import fail_cleanly
 from classifiers.finetune import SCRATCH
+from classifiers.train import PRECISIONS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scratch-lr", type=float, help=f"learning rate of the scratch baseline (default: {d.scratch_lr})")
     p.add_argument("--warmup-epochs", type=float, help=f"fine-tuning warm-up epochs (default: {d.warmup_epochs})")
     p.add_argument("--device", help=f"auto, cpu or cuda (default: {d.device})")
+    p.add_argument("--precision", choices=PRECISIONS, help="the classifiers' arithmetic: bf16 autocast or fp32; auto: "
+                   f"bf16 on a GPU that computes it natively and on a CPU with AMX (default: {d.precision})")
     p.add_argument("--workers", type=int, help=f"data-loading worker processes (default: {d.workers})")
     p.add_argument("--threads", type=int, help="PyTorch CPU threads (default: one per core; --quick: 1)")
     return p.parse_args(argv)

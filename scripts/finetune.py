@@ -51,7 +51,8 @@ def config_from_args(a: argparse.Namespace) -> FinetuneConfig:
         init=a.init, dataset=a.dataset, classifier=a.classifier, image_size=a.image_size, channels=a.channels,
         new_head=a.new_head, epochs=a.epochs, lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay,
         warmup_epochs=a.warmup_epochs, schedule=a.schedule, batch_size=a.batch_size,
-        train_per_class=a.train_per_class, seed=a.seed, device=a.device, workers=a.workers,
+        train_per_class=a.train_per_class, seed=a.seed, device=a.device, precision=a.precision,
+        workers=a.workers,
         run_dir=a.run_dir or "", log_every=a.log_every, ckpt_every=a.ckpt_every)
 
 

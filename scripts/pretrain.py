@@ -66,6 +66,7 @@ def config_from_args(a: argparse.Namespace) -> PretrainConfig:
     env = EnvConfig(dataset=a.dataset, classifier=a.classifier, batch_size=a.batch_size, image_size=a.image_size,
                     grid=a.grid, blur_kernel=a.blur_kernel, blur_sigma=a.blur_sigma, lr=a.lr,
                     lr_step_epochs=a.lr_step_epochs, reward=a.reward, seed=a.seed, device=a.device,
+                    precision=a.precision,
                     workers=a.workers, sync_bn=a.sync_bn)
     agent = {k: getattr(a, k) for k in ("policy_lr", "objective", "param", "entropy_coef", "normalize_advantage",
                                          "max_grad_norm", "noise_std", "n_steps", "n_epochs", "sb3_batch_size",
