@@ -84,7 +84,7 @@ def cpu_has_bf16_matrix_units() -> bool:
     On a 2-core AMX Xeon, forward+backward+SGD of smallcnn at 64 px, batch 32, takes 37 ms in bf16 against
     74 ms in fp32, resnet18 484 against 1461 ms (benchmarks/RESULTS.md, "What changed"). Without AMX, bf16
     convolutions run on AVX-512 or are emulated; not measured to be faster, so ``auto`` keeps fp32 there."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # PyTorch's own check, used by its CPU kernels
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # PyTorch's own check (its compiler uses it)
     return bool(probe is not None and probe())
 
 
