@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from classifiers.data import DataSpec, load_dataset, make_loader
 from classifiers.distributed import average_buffers
 from classifiers.models import ARCHITECTURES, build_classifier
-from classifiers.train import DevicePolicy, Normalizer, resolve_device, resolve_precision, supervised_step
+from classifiers.train import PRECISIONS, DevicePolicy, Normalizer, resolve_device, supervised_step
 from envs.masks import NoiseMask
 
 REWARDS = ("classifiable", "adversarial", "correct")
@@ -85,8 +85,10 @@ class EnvConfig:
             raise ValueError(f"workers {self.workers} must be 0 or more")
         if self.lr_step_epochs < 1:
             raise ValueError(f"lr_step_epochs {self.lr_step_epochs} must be at least 1")
+        if self.precision not in PRECISIONS:  # resolved later, by DevicePolicy, once the process has its GPU
+            raise ValueError(f"unknown precision {self.precision!r}; use {', '.join(PRECISIONS)}")
         NoiseMask(self.image_size, self.grid, self.blur_kernel, self.blur_sigma)
-        resolve_precision(self.precision, resolve_device(self.device))
+        resolve_device(self.device)
 
 
 @dataclass
