@@ -33,7 +33,7 @@ from classifiers.distributed import all_mean, barrier, init_from_env, is_main, s
 from classifiers.heated import save_heated
 from classifiers.metrics import METRIC_NAMES
 from classifiers.runlog import RunLogger, ScalarWindow, hparams_table, write_json
-from classifiers.train import evaluate
+from classifiers.train import evaluate, precision_before_the_setting
 from envs.core import EnvConfig, PretrainCore, StepResult
 
 
@@ -79,7 +79,8 @@ class PretrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PretrainConfig:
         d = dict(d)
-        d["env"] = EnvConfig(**d["env"])
+        env = d["env"]
+        d["env"] = EnvConfig(**({"precision": precision_before_the_setting(env.get("device", "auto"))} | env))
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
 
@@ -109,6 +110,7 @@ class PretrainRunner:
         self.agent: Agent = make_agent(cfg.algo, cfg.agent)
         data = load_dataset(cfg.env.dataset, image_size=cfg.env.image_size)
         self.core = PretrainCore(cfg.env, data=data)
+        cfg.env.precision = self.core.dev.precision  # resolved: config.json and the checkpoints say what ran
         self.val_loader = make_loader(data, "val", cfg.eval_batch_size, train=False)
         total = cfg.epochs * self.core.steps_per_epoch
         self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total

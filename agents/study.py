@@ -46,13 +46,14 @@ from agents.runner import PretrainConfig, pretrain
 from classifiers.finetune import RESUME_FREE, SCRATCH, FinetuneConfig, finetune
 from classifiers.metrics import METRIC_NAMES
 from classifiers.runlog import write_json
+from classifiers.train import resolve_device, resolve_precision
 from envs.core import EnvConfig
 
 BASELINE = "none"
 DEFAULT_METHODS = ("none", "uniform-mask", "gaussian-noise", "reinforce", "reinforce-official", SCRATCH)
-PRETRAIN_FREE = ("run_dir", "device", "precision", "workers")
-"""Settings left out of a pretraining run's key: where it computes, in which arithmetic (a GPU's bf16 and a CPU's
-fp32 differ only in rounding) and how its data is loaded."""
+PRETRAIN_FREE = ("run_dir", "device", "workers")
+"""Settings that do not change what a pretraining run computes (left out of its key). The precision is in the key,
+resolved (:class:`Study` resolves ``auto`` once), so runs in another arithmetic are never reused."""
 
 
 @dataclass
@@ -257,6 +258,7 @@ class Study:
 
     def __post_init__(self) -> None:
         self.cfg.validate()
+        self.cfg = replace(self.cfg, precision=resolve_precision(self.cfg.precision, resolve_device(self.cfg.device)))
         self.out = Path(self.cfg.out).resolve()
         self.targets = self.cfg.resolved_targets()
         self.pretrain_methods = [m for m in self.cfg.methods if m != SCRATCH]
@@ -393,7 +395,8 @@ def results_markdown(rows: list[dict[str, Any]], cfg: StudyConfig, targets: tupl
         f"Pretraining on `{cfg.pretrain_dataset}` ({cfg.classifier}, {cfg.image_size} px, {pre}, lr {cfg.pretrain_lr}, "
         f"grid {cfg.grid}, blur {cfg.blur_kernel}/{cfg.blur_sigma}); fine-tuning on clean images for "
         f"{cfg.finetune_epochs} epochs{fewshot} at lr {cfg.finetune_lr} (scratch: {cfg.scratch_lr}), "
-        f"{cfg.warmup_epochs} warm-up epochs, batch {cfg.batch_size}. Seeds {list(cfg.seeds)} (n = {n} per cell). "
+        f"{cfg.warmup_epochs} warm-up epochs, batch {cfg.batch_size}; classifiers trained in {cfg.precision}, "
+        f"evaluated in fp32. Seeds {list(cfg.seeds)} (n = {n} per cell). "
         "Metrics on each target's test split (val where it has none)."
     )
     lines = ["# Comparison study", "", setting, "", "Cells: mean ± sample standard deviation over seeds.", ""]

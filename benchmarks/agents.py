@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agents.registry import make_agent  # noqa: E402
 from classifiers.data import DataSpec, load_dataset  # noqa: E402
-from classifiers.train import resolve_device, resolve_precision  # noqa: E402
+from classifiers.train import PRECISIONS, resolve_device, resolve_precision  # noqa: E402
 from envs.core import EnvConfig, PretrainCore, StepResult  # noqa: E402
 
 ALGOS = ("none", "reinforce", "ppo", "a2c")
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--grid", type=int, default=16)
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", help="the classifier's arithmetic: auto, bf16 or fp32")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="the classifier's arithmetic")
     p.add_argument("--n-steps", type=int, default=None, help="ppo/a2c rollout length (default: the agents')")
     p.add_argument("--n-epochs", type=int, default=None, help="ppo epochs per rollout (default: the agent's)")
     p.add_argument("--sb3-batch-size", type=int, default=None, help="ppo minibatch (default: the agent's)")

@@ -21,7 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def measure(nproc: int, a: argparse.Namespace, out: Path) -> float:
+def measure(nproc: int, a: argparse.Namespace, out: Path) -> tuple[float, str]:
+    """Images per second of one run over all its processes, and the precision its classifier resolved to."""
     run_dir = out / f"n{nproc}"
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--rdzv-backend=c10d",
            "--rdzv-endpoint=localhost:0", str(ROOT / "scripts" / "pretrain.py"), "--algo", a.algo,
@@ -33,7 +34,7 @@ def measure(nproc: int, a: argparse.Namespace, out: Path) -> float:
     subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     speeds = [r["perf/images_per_second"] for r in rows if "perf/images_per_second" in r][1:]
-    return statistics.median(speeds)
+    return statistics.median(speeds), json.loads((run_dir / "config.json").read_text())["env"]["precision"]
 
 
 def main() -> None:
@@ -46,14 +47,15 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32, help="per process")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", default="auto", help="the classifier's arithmetic: auto, bf16 or fp32")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"), help="the classifier's arithmetic")
     p.add_argument("--dataset", default="synthrad?n_train=4000&n_val=64&n_test=64")
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        results = {n: measure(n, a, Path(tmp)) for n in a.nprocs}
+        measured = {n: measure(n, a, Path(tmp)) for n in a.nprocs}
+    results = {n: ips for n, (ips, _) in measured.items()}
     base = results[a.nprocs[0]]
     print(f"{a.algo}, {a.classifier}, {a.image_size} px, batch {a.batch_size} per process, {a.device}, "
-          f"precision {a.precision}\n")
+          f"classifier in {measured[a.nprocs[0]][1]}\n")
     print("| processes | images/s (all processes) | vs first |\n|-|-|-|")
     for n, v in results.items():
         print(f"| {n} | {v:.1f} | {v / base:.2f}x |")

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agents.base import Agent  # noqa: E402
 from agents.registry import make_agent  # noqa: E402
+from classifiers.train import PRECISIONS  # noqa: E402
 from envs.core import EnvConfig, PretrainCore  # noqa: E402
 
 AGENTS = {
@@ -53,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per agent before the rounds")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--precision", default="auto", help="the classifier's arithmetic: auto, bf16 or fp32")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="the classifier's arithmetic")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
     p.add_argument("--n-train", type=int, default=2048, help="synthrad training images (epoch ends are untimed)")

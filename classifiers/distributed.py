@@ -80,6 +80,14 @@ def all_gather_objects(obj: object) -> list:
     return out
 
 
+def require_same(value: object, what: str, fix: str) -> None:
+    """Raise ``ValueError`` naming every rank's ``value`` and ``fix`` unless all ranks hold the same one."""
+    values = all_gather_objects(value)
+    if len(set(values)) > 1:
+        ranks = ", ".join(f"rank {i}: {v}" for i, v in enumerate(values))
+        raise ValueError(f"the processes resolved different {what} ({ranks}); {fix}")
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

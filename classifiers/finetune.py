@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,20 +44,37 @@ from tqdm import tqdm
 
 from classifiers.checkpoint import open_run, run_rng_state, seed_everything, set_run_rng_state, write_checkpoint
 from classifiers.data import DataSpec, load_dataset, make_loader
-from classifiers.distributed import all_mean, average_buffers, barrier, init_from_env, is_distributed, is_main, rank
+from classifiers.distributed import (
+    all_mean,
+    average_buffers,
+    barrier,
+    init_from_env,
+    is_distributed,
+    is_main,
+    rank,
+    require_same,
+)
 from classifiers.heated import load_heated, save_heated
 from classifiers.metrics import METRIC_NAMES
 from classifiers.models import ARCHITECTURES, build_classifier, replace_head
 from classifiers.runlog import RunLogger, ScalarWindow, hparams_table, write_json
-from classifiers.train import PRECISIONS, DevicePolicy, Normalizer, evaluate, resolve_device, supervised_step
+from classifiers.train import (
+    PRECISIONS,
+    DevicePolicy,
+    Normalizer,
+    evaluate,
+    precision_before_the_setting,
+    resolve_device,
+    supervised_step,
+)
 
 SCRATCH = "scratch"
 SCHEDULES = ("constant", "cosine")
 WARMUP_START = 0.01
 """The warm-up's first learning rate, as a fraction of ``lr`` (torchvision's ``lr_warmup_decay``)."""
-RESUME_FREE = ("device", "precision", "workers", "run_dir")
-"""Settings a resumed run may change: where and in which arithmetic it computes (like a GPU's bf16 against a
-CPU's fp32, only the rounding differs), and the bookkeeping."""
+RESUME_FREE = ("device", "workers", "run_dir")
+"""Settings a resumed run may change: they do not change what is computed. (``precision`` does: a run records
+the resolved one, and resuming keeps it.)"""
 
 
 @dataclass
@@ -154,6 +171,7 @@ class FinetuneConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FinetuneConfig:
+        d = {"precision": precision_before_the_setting(d.get("device", "auto"))} | d
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
@@ -209,6 +227,9 @@ class Finetuner:
     def __init__(self, cfg: FinetuneConfig, resume: bool = False) -> None:
         cfg.validate()
         init_from_env(cfg.device)
+        self.dev = DevicePolicy(resolve_device(cfg.device), cfg.precision)
+        require_same(self.dev.precision, "precisions", "give --precision bf16 or fp32 explicitly")
+        cfg = replace(cfg, precision=self.dev.precision)  # resolved: config.json and the checkpoints say what ran
         self.main = is_main()
         self.run_dir = Path(cfg.run_dir or cfg.default_run_dir())
         start, info = initial_model(cfg)
@@ -216,7 +237,6 @@ class Finetuner:
         if state is not None:
             _check_same_config(FinetuneConfig.from_dict(state["config"]), cfg, self.run_dir)
         self.cfg = cfg
-        self.dev = DevicePolicy(resolve_device(cfg.device), cfg.precision)
         self.data = load_dataset(cfg.dataset, image_size=cfg.image_size or info["image_size"],
                                  channels=info["in_channels"], train_per_class=cfg.train_per_class, seed=cfg.seed)
         model, self.head = fit_head(start, info, self.data, cfg)

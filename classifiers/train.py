@@ -74,8 +74,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
-"""How the classifier computes: ``bf16`` autocast (bfloat16 matrix products and convolutions, float32 weights,
-optimiser and loss) or plain ``fp32``; ``auto`` picks bf16 where the hardware multiplies bf16 natively."""
+"""How the classifier trains: ``bf16`` autocast (bfloat16 matrix products and convolutions, float32 weights,
+optimiser and loss) or plain ``fp32``; ``auto`` picks bf16 where the hardware multiplies bf16 natively. A run
+records the resolved value in its ``config.json``, so resuming it, anywhere, keeps its arithmetic; evaluation is
+always float32 (:func:`predict`)."""
 
 
 def cpu_has_bf16_matrix_units() -> bool:
@@ -86,6 +88,14 @@ def cpu_has_bf16_matrix_units() -> bool:
     convolutions run on AVX-512 or are emulated; not measured to be faster, so ``auto`` keeps fp32 there."""
     probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # PyTorch's own check (its compiler uses it)
     return bool(probe is not None and probe())
+
+
+def precision_before_the_setting(device: str) -> str:
+    """The arithmetic of runs saved before ``precision`` was a setting: bf16 autocast on CUDA, fp32 on a CPU.
+
+    ``device`` is the saved setting (``auto``, ``cpu`` or ``cuda[:N]``)."""
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    return "bf16" if cuda else "fp32"
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
@@ -189,15 +199,17 @@ def supervised_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: 
 @torch.no_grad()
 def predict(model: nn.Module, loader: DataLoader, dev: DevicePolicy, normalizer: Normalizer
             ) -> tuple[np.ndarray, np.ndarray, float]:
-    """Class probabilities and labels over a loader of clean images, and the mean cross-entropy."""
+    """Class probabilities and labels over a loader of clean images, and the mean cross-entropy.
+
+    Always in float32, whatever ``dev.precision`` the model trains in: reported metrics then depend on the
+    weights, not on the hardware (bf16 logits keep 8 significant bits, so near classes can tie and the
+    probabilities behind ROC AUC coarsen). Evaluation is a forward pass per epoch, a small share of a run."""
     was_training = model.training
     model.eval()
     probs, labels, loss_sum = [], [], 0.0
     for images, y in loader:
         images, y = dev.batch(images, y)
-        with dev.autocast():
-            logits = model(normalizer(images))
-        logits = logits.float()
+        logits = model(normalizer(images)).float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
         probs.append(logits.softmax(1).cpu())
         labels.append(y.cpu())

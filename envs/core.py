@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from classifiers.data import DataSpec, load_dataset, make_loader
-from classifiers.distributed import average_buffers
+from classifiers.distributed import average_buffers, require_same
 from classifiers.models import ARCHITECTURES, build_classifier
 from classifiers.train import PRECISIONS, DevicePolicy, Normalizer, resolve_device, supervised_step
 from envs.masks import NoiseMask
@@ -117,6 +117,7 @@ class PretrainCore:
         cfg.validate()
         self.cfg = cfg
         self.dev = DevicePolicy(resolve_device(cfg.device), cfg.precision)
+        require_same(self.dev.precision, "precisions", "give --precision bf16 or fp32 explicitly")
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
         self.world_size = dist.get_world_size() if self.distributed else 1

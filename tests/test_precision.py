@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
 import pretrain
 import pytest
 import torch
 from torch import nn
 
-from agents.study import StudyConfig
-from classifiers.finetune import FinetuneConfig
+from agents.runner import PretrainConfig
+from agents.study import Study, StudyConfig
+from classifiers.finetune import FinetuneConfig, finetune
 from classifiers.models import build_classifier
-from classifiers.train import PRECISIONS, DevicePolicy, resolve_precision, supervised_step
+from classifiers.train import PRECISIONS, DevicePolicy, Normalizer, predict, resolve_precision, supervised_step
 from envs.core import EnvConfig
 
 CPU = torch.device("cpu")
@@ -87,18 +90,72 @@ def test_bf16_runs_the_classifier_in_bf16_and_keeps_float32_weights() -> None:
     assert any(moved)
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp32"])
-def test_pretrain_flag_reaches_the_run(precision: str, synthrad_spec: str, tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize("precision", ["bf16", "fp32", "auto"])
+def test_pretrain_records_the_precision_it_ran_in(precision: str, synthrad_spec: str, tmp_path: Path,
+                                                  capsys) -> None:
     run_dir = tmp_path / precision
     argv = ["--algo", "reinforce", "--dataset", synthrad_spec, "--image-size", "32", "--grid", "8",
             "--blur-kernel", "5", "--blur-sigma", "2", "--batch-size", "16", "--max-steps", "2", "--device", "cpu",
             "--precision", precision, "--run-dir", str(run_dir)]
     assert pretrain.main(argv) == 0
-    assert f"pretrain reinforce ({precision})" in capsys.readouterr().err
-    assert json.loads((run_dir / "config.json").read_text())["env"]["precision"] == precision
+    resolved = resolve_precision(precision, CPU)
+    assert f"pretrain reinforce ({resolved})" in capsys.readouterr().err
+    assert json.loads((run_dir / "config.json").read_text())["env"]["precision"] == resolved  # what ran, not "auto"
+    saved = torch.load(run_dir / "checkpoint.pt", weights_only=True)["config"]["env"]["precision"]
+    assert saved == resolved  # so a resume keeps it, on any machine
 
 
-def test_study_passes_its_precision_to_every_run(tmp_path: Path) -> None:
-    study = StudyConfig(precision="fp32", device="cpu")
-    assert study.pretrain_config("reinforce", 0, tmp_path).env.precision == "fp32"
-    assert study.finetune_config("scratch", "synthrad:unseen", 0).precision == "fp32"
+def test_finetune_records_its_precision_and_refuses_to_resume_in_another(tmp_path: Path) -> None:
+    run_dir = tmp_path / "ft"
+    cfg = FinetuneConfig(init="scratch", dataset="synthrad:unseen?n_train=48&n_val=12&n_test=12", image_size=16,
+                         epochs=1, batch_size=16, device="cpu", precision="fp32", run_dir=str(run_dir))
+    finetune(cfg)
+    assert json.loads((run_dir / "config.json").read_text())["precision"] == "fp32"
+    with pytest.raises(ValueError, match="precision"):
+        finetune(replace(cfg, precision="bf16"), resume=True)
+
+
+def test_runs_saved_before_the_setting_resume_in_their_old_arithmetic() -> None:
+    """Before ``precision`` existed, the classifier trained in bf16 on CUDA and in fp32 on a CPU."""
+    env = asdict(EnvConfig(device="cpu"))
+    del env["precision"]
+    old = {"algo": "reinforce", "env": env}
+    assert PretrainConfig.from_dict(old).env.precision == "fp32"
+    assert PretrainConfig.from_dict(old | {"env": env | {"device": "cuda"}}).env.precision == "bf16"
+    assert FinetuneConfig.from_dict({"init": "scratch", "device": "cpu"}).precision == "fp32"
+    assert FinetuneConfig.from_dict({"init": "scratch", "device": "cpu", "precision": "bf16"}).precision == "bf16"
+
+
+def test_study_resolves_auto_once_and_keys_runs_by_precision(tmp_path: Path) -> None:
+    def study(precision: str) -> Study:
+        return Study(StudyConfig(precision=precision, device="cpu", out=str(tmp_path)))
+
+    assert study("auto").cfg.precision == resolve_precision("auto", CPU)
+    fp32, bf16 = study("fp32"), study("bf16")
+    assert fp32.cfg.pretrain_config("reinforce", 0, tmp_path).env.precision == "fp32"
+    assert fp32.cfg.finetune_config("scratch", "synthrad:unseen", 0).precision == "fp32"
+    # runs in another arithmetic are never reused
+    assert fp32.pretrain_dir("none", 0) != bf16.pretrain_dir("none", 0)
+    assert fp32.finetune_run("scratch", 0, "synthrad:unseen").run_dir != \
+        bf16.finetune_run("scratch", 0, "synthrad:unseen").run_dir
+
+
+def test_evaluation_is_float32_whatever_the_training_precision() -> None:
+    dev = DevicePolicy(CPU, "bf16")
+    model = dev.prepare(build_classifier("smallcnn", 3, 1, 16))
+    dtypes: set[torch.dtype] = set()
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            m.register_forward_hook(lambda _m, _i, out: dtypes.add(out.dtype))
+    loader = [(torch.randint(0, 256, (4, 1, 16, 16), dtype=torch.uint8), torch.tensor([0, 1, 2, 0]))]
+    probs, labels, _ = predict(model, loader, dev, Normalizer())
+    assert dtypes == {torch.float32} and probs.dtype == np.float32 and probs.shape == (4, 3)
+
+
+def test_ranks_that_resolve_different_precisions_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    import classifiers.distributed as distributed
+
+    monkeypatch.setattr(distributed, "all_gather_objects", lambda value: [value, "fp32"])
+    distributed.require_same("fp32", "precisions", "give --precision")  # agreeing ranks pass
+    with pytest.raises(ValueError, match=r"rank 0: bf16, rank 1: fp32\); give --precision bf16 or fp32"):
+        distributed.require_same("bf16", "precisions", "give --precision bf16 or fp32")

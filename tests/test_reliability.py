@@ -57,14 +57,16 @@ def assert_equal_states(a: dict, b: dict) -> None:
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.mark.parametrize("algo", ["reinforce", "uniform-mask", "ppo"])
-def test_pretrain_killed_and_resumed_equals_uninterrupted(tmp_path: Path, algo: str) -> None:
+@pytest.mark.parametrize("algo, precision", [("reinforce", "bf16"), ("reinforce", "fp32"), ("uniform-mask", "auto"),
+                                             ("ppo", "auto")])
+def test_pretrain_killed_and_resumed_equals_uninterrupted(tmp_path: Path, algo: str, precision: str) -> None:
     whole, broken = tmp_path / "whole", tmp_path / "broken"
-    run(script("pretrain.py", "--algo", algo, "--run-dir", str(whole), *TINY))
-    kill_after_checkpoint(script("pretrain.py", "--algo", algo, "--run-dir", str(broken), *TINY),
-                          broken / "checkpoint.pt", min_step=13)
+    args = ["--algo", algo, "--precision", precision, *TINY]
+    run(script("pretrain.py", *args, "--run-dir", str(whole)))
+    kill_after_checkpoint(script("pretrain.py", *args, "--run-dir", str(broken)), broken / "checkpoint.pt",
+                          min_step=13)
     assert not (broken / "heated.pt").exists()
-    run(script("pretrain.py", "--algo", algo, "--run-dir", str(broken), "--resume", *TINY))
+    run(script("pretrain.py", *args, "--run-dir", str(broken), "--resume"))
 
     a = torch.load(whole / "heated.pt", weights_only=True)
     b = torch.load(broken / "heated.pt", weights_only=True)
