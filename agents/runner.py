@@ -109,6 +109,7 @@ class PretrainRunner:
             self.cfg = cfg = saved
         self.agent: Agent = make_agent(cfg.algo, cfg.agent)
         data = load_dataset(cfg.env.dataset, image_size=cfg.env.image_size)
+        self.cfg = cfg = dataclasses.replace(cfg, env=dataclasses.replace(cfg.env))  # ours to record into
         self.core = PretrainCore(cfg.env, data=data)
         cfg.env.precision = self.core.dev.precision  # resolved: config.json and the checkpoints say what ran
         self.val_loader = make_loader(data, "val", cfg.eval_batch_size, train=False)

@@ -24,7 +24,9 @@ settings, and ``study.json`` (the settings and run list), ``results.csv`` (one r
 ``results.md`` and ``results.png``. Rerun with the same settings, the study reuses every finished run
 (``heated.pt`` or ``metrics.json`` present with a matching ``config.json``) and resumes unfinished runs
 from their checkpoints; changed settings make new runs beside the old ones (a change of fine-tuning
-settings alone reuses the pretraining runs).
+settings alone reuses the pretraining runs). The classifiers' precision is part of every run's key, resolved
+(``auto`` becomes bf16 or fp32 once per study), so a study never mixes runs in different arithmetic; study
+folders written before the setting existed are therefore run afresh.
 """
 
 from __future__ import annotations

@@ -227,15 +227,18 @@ class Finetuner:
     def __init__(self, cfg: FinetuneConfig, resume: bool = False) -> None:
         cfg.validate()
         init_from_env(cfg.device)
+        self.main = is_main()
+        self.run_dir = Path(cfg.run_dir or cfg.default_run_dir())
+        state = open_run(self.run_dir, resume, "model", self.main)
+        saved = FinetuneConfig.from_dict(state["config"]) if state is not None else None
+        if saved is not None and cfg.precision == "auto":
+            cfg = replace(cfg, precision=saved.precision)  # a resumed run keeps its arithmetic, on any machine
         self.dev = DevicePolicy(resolve_device(cfg.device), cfg.precision)
         require_same(self.dev.precision, "precisions", "give --precision bf16 or fp32 explicitly")
         cfg = replace(cfg, precision=self.dev.precision)  # resolved: config.json and the checkpoints say what ran
-        self.main = is_main()
-        self.run_dir = Path(cfg.run_dir or cfg.default_run_dir())
+        if saved is not None:
+            _check_same_config(saved, cfg, self.run_dir)
         start, info = initial_model(cfg)
-        state = open_run(self.run_dir, resume, "model", self.main)
-        if state is not None:
-            _check_same_config(FinetuneConfig.from_dict(state["config"]), cfg, self.run_dir)
         self.cfg = cfg
         self.data = load_dataset(cfg.dataset, image_size=cfg.image_size or info["image_size"],
                                  channels=info["in_channels"], train_per_class=cfg.train_per_class, seed=cfg.seed)

@@ -91,9 +91,11 @@ def cpu_has_bf16_matrix_units() -> bool:
 
 
 def precision_before_the_setting(device: str) -> str:
-    """The arithmetic of runs saved before ``precision`` was a setting: bf16 autocast on CUDA, fp32 on a CPU.
+    """The arithmetic the code before the ``precision`` setting used, for runs saved by it: bf16 autocast on CUDA,
+    fp32 on a CPU.
 
-    ``device`` is the saved setting (``auto``, ``cpu`` or ``cuda[:N]``)."""
+    ``device`` is the saved setting (``auto``, ``cpu`` or ``cuda[:N]``); ``auto`` is read as this machine reads it,
+    as that code would have on resuming here."""
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     return "bf16" if cuda else "fp32"
 
@@ -107,7 +109,9 @@ def resolve_precision(name: str, device: torch.device) -> str:
     if name != "auto":
         return name
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
+        asked = torch.cuda.device(device.index) if device.index is not None else contextlib.nullcontext()
+        with asked:  # cuda:N answers for GPU N, not for the current one
+            return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
     return "bf16" if cpu_has_bf16_matrix_units() else "fp32"
 
 

@@ -50,6 +50,8 @@ def test_quick_study_at_a_tiny_size_writes_all_three_files(tmp_path: Path, capsy
 
     md = (out / "results.md").read_text()
     assert md.count("Paired difference to `none`") == 2 and "n = 2" in md
+    precision = json.loads((out / "study.json").read_text())["config"]["precision"]
+    assert precision in ("bf16", "fp32") and f"classifiers trained in {precision}, evaluated in fp32" in md
     for line in ("| none | 2 |", "| reinforce | 2 |", "| scratch | 2 |"):
         assert md.count(line) >= 2, line
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -14,10 +14,10 @@ from torch import nn
 
 from agents.runner import PretrainConfig
 from agents.study import Study, StudyConfig
-from classifiers.finetune import FinetuneConfig, finetune
+from classifiers.finetune import FinetuneConfig, Finetuner, finetune
 from classifiers.models import build_classifier
 from classifiers.train import PRECISIONS, DevicePolicy, Normalizer, predict, resolve_precision, supervised_step
-from envs.core import EnvConfig
+from envs.core import EnvConfig, PretrainCore
 
 CPU = torch.device("cpu")
 
@@ -43,9 +43,24 @@ def test_auto_on_a_gpu_is_bf16_only_where_it_is_native(monkeypatch: pytest.Monke
         asked.append(including_emulation)
         return native
 
+    entered = []
+
+    class Selected:  # stands in for torch.cuda.device, which needs a GPU
+        def __init__(self, index: int) -> None:
+            self.index = index
+
+        def __enter__(self) -> None:
+            entered.append(self.index)
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", supported)
+    monkeypatch.setattr(torch.cuda, "device", Selected)
     assert resolve_precision("auto", torch.device("cuda")) == expected
-    assert asked == [False]  # emulated bf16 is slower than fp32: it does not count
+    assert resolve_precision("auto", torch.device("cuda:1")) == expected
+    assert asked == [False, False]  # emulated bf16 is slower than fp32: it does not count
+    assert entered == [1]  # cuda:1 is asked about GPU 1, plain cuda about the current GPU
 
 
 def test_unknown_precision_is_refused_naming_the_choices() -> None:
@@ -105,14 +120,46 @@ def test_pretrain_records_the_precision_it_ran_in(precision: str, synthrad_spec:
     assert saved == resolved  # so a resume keeps it, on any machine
 
 
-def test_finetune_records_its_precision_and_refuses_to_resume_in_another(tmp_path: Path) -> None:
+def _finetune_config(run_dir: Path, precision: str) -> FinetuneConfig:
+    return FinetuneConfig(init="scratch", dataset="synthrad:unseen?n_train=48&n_val=12&n_test=12", image_size=16,
+                          epochs=1, batch_size=16, device="cpu", precision=precision, run_dir=str(run_dir))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "auto"])
+def test_finetune_records_its_precision_and_refuses_to_resume_in_another(precision: str, tmp_path: Path) -> None:
     run_dir = tmp_path / "ft"
-    cfg = FinetuneConfig(init="scratch", dataset="synthrad:unseen?n_train=48&n_val=12&n_test=12", image_size=16,
-                         epochs=1, batch_size=16, device="cpu", precision="fp32", run_dir=str(run_dir))
+    cfg = _finetune_config(run_dir, precision)
     finetune(cfg)
-    assert json.loads((run_dir / "config.json").read_text())["precision"] == "fp32"
-    with pytest.raises(ValueError, match="precision"):
-        finetune(replace(cfg, precision="bf16"), resume=True)
+    resolved = resolve_precision(precision, CPU)
+    assert json.loads((run_dir / "config.json").read_text())["precision"] == resolved
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["config"]["precision"] == resolved
+    other = {"bf16": "fp32", "fp32": "bf16"}[resolved]
+    with pytest.raises(ValueError, match=f"precision='{resolved}'"):
+        finetune(replace(cfg, precision=other), resume=True)
+
+
+@pytest.mark.parametrize("amx_later", [True, False])
+def test_finetune_resumed_with_auto_keeps_its_precision_on_another_machine(amx_later: bool, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    run_dir = tmp_path / "ft"
+    ran_in = "fp32" if amx_later else "bf16"  # the run started where auto gave the other one
+    finetune(_finetune_config(run_dir, ran_in))
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx_later, raising=False)
+    assert resolve_precision("auto", CPU) != ran_in
+    resumed = Finetuner(_finetune_config(run_dir, "auto"), resume=True)
+    assert resumed.cfg.precision == resumed.dev.precision == ran_in
+
+
+def test_ranks_that_resolve_different_precisions_are_refused_by_runs(tmp_path: Path, synthrad_spec: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import classifiers.distributed as distributed
+
+    monkeypatch.setattr(distributed, "all_gather_objects", lambda value: [value, "fp16"])
+    with pytest.raises(ValueError, match="rank 1: fp16"):
+        PretrainCore(EnvConfig(dataset=synthrad_spec, image_size=32, grid=8, blur_kernel=5, batch_size=8,
+                               device="cpu", precision="fp32"))
+    with pytest.raises(ValueError, match="rank 1: fp16"):
+        Finetuner(_finetune_config(tmp_path / "ft", "fp32"))
 
 
 def test_runs_saved_before_the_setting_resume_in_their_old_arithmetic() -> None:
