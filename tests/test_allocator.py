@@ -12,7 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# 16 training steps of smallcnn at 64 px, batch 32, after two to warm up; prints the page faults of the 16.
+# 32 training steps of smallcnn at 64 px, batch 16, after four that let the heap grow to its working size; prints
+# the page faults of the 32.
 STEPS = """
 import resource, torch
 from classifiers.models import build_classifier
@@ -23,11 +24,11 @@ print(tune_cpu_allocator())
 torch.manual_seed(0)
 model = dev.prepare(build_classifier("smallcnn", 12, 1, 64))
 opt = torch.optim.SGD(model.parameters(), lr=0.01)
-for i in range(18):
-    if i == 2:
+for i in range(36):
+    if i == 4:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    x = torch.randn(32, 1, 64, 64).contiguous(memory_format=torch.channels_last)
-    loss = torch.nn.functional.cross_entropy(model(x), torch.zeros(32, dtype=torch.long))
+    x = torch.randn(16, 1, 64, 64).contiguous(memory_format=torch.channels_last)
+    loss = torch.nn.functional.cross_entropy(model(x), torch.zeros(16, dtype=torch.long))
     opt.zero_grad()
     loss.backward()
     opt.step()
@@ -49,13 +50,14 @@ def test_tuned_allocator_reuses_freed_memory() -> None:
     tuned, faults = _faults("1")
     untuned, faults_default = _faults("0")
     assert tuned and not untuned
-    if faults_default < 16 * 100:
-        pytest.skip(f"glibc's defaults already reuse memory here ({faults_default} page faults in 16 steps; "
+    if faults_default < 32 * 100:
+        pytest.skip(f"glibc's defaults already reuse memory here ({faults_default} page faults in 32 steps; "
                     "transparent huge pages set to always?): nothing to compare")
     # glibc's defaults map and fault in most steps' activations afresh (thousands of 4 KiB pages a step); tuned,
-    # freed blocks are reused and only the heap's occasional growth faults (measured on a 2-core VM: 0 to 12,000
-    # against 60,000 to 110,000 over the 16 steps)
-    assert faults < faults_default / 3, (faults, faults_default)
+    # freed blocks are reused and only the heap's occasional growth faults (measured on a 2-core VM: 2,000 to 6,000
+    # against 92,000 to 188,000 over the 32 steps; with 16 steps of batch 32 after 2, the margin was too thin:
+    # 22,500 against 57,000 once)
+    assert faults < faults_default / 5, (faults, faults_default)
 
 
 @pytest.mark.parametrize(("env", "leave"), [
