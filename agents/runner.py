@@ -33,7 +33,7 @@ from classifiers.distributed import all_mean, barrier, init_from_env, is_main, s
 from classifiers.heated import save_heated
 from classifiers.metrics import METRIC_NAMES
 from classifiers.runlog import RunLogger, ScalarWindow, hparams_table, write_json
-from classifiers.train import evaluate, precision_before_the_setting
+from classifiers.train import evaluate, with_saved_precision
 from envs.core import EnvConfig, PretrainCore, StepResult
 
 
@@ -79,8 +79,7 @@ class PretrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PretrainConfig:
         d = dict(d)
-        env = d["env"]
-        d["env"] = EnvConfig(**({"precision": precision_before_the_setting(env.get("device", "auto"))} | env))
+        d["env"] = EnvConfig(**with_saved_precision(d["env"]))
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
 
@@ -137,7 +136,7 @@ class PretrainRunner:
         c = asdict(self.cfg)
         return {**{f"env.{k}": v for k, v in c.pop("env").items()},
                 **{f"agent.{k}": v for k, v in c.pop("agent").items()}, **c,
-                "resolved_device": str(self.core.dev.device), "resolved_precision": self.core.dev.precision}
+                "resolved_device": str(self.core.dev.device)}
 
     def done(self) -> bool:
         return self.core.global_step >= self.total_steps

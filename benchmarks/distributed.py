@@ -19,6 +19,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from classifiers.train import PRECISIONS  # noqa: E402
 
 
 def measure(nproc: int, a: argparse.Namespace, out: Path) -> tuple[float, str]:
@@ -47,7 +50,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32, help="per process")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"), help="the classifier's arithmetic")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="the classifier's arithmetic")
     p.add_argument("--dataset", default="synthrad?n_train=4000&n_val=64&n_test=64")
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

@@ -44,28 +44,19 @@ from tqdm import tqdm
 
 from classifiers.checkpoint import open_run, run_rng_state, seed_everything, set_run_rng_state, write_checkpoint
 from classifiers.data import DataSpec, load_dataset, make_loader
-from classifiers.distributed import (
-    all_mean,
-    average_buffers,
-    barrier,
-    init_from_env,
-    is_distributed,
-    is_main,
-    rank,
-    require_same,
-)
+from classifiers.distributed import all_mean, average_buffers, barrier, init_from_env, is_distributed, is_main, rank
 from classifiers.heated import load_heated, save_heated
 from classifiers.metrics import METRIC_NAMES
 from classifiers.models import ARCHITECTURES, build_classifier, replace_head
 from classifiers.runlog import RunLogger, ScalarWindow, hparams_table, write_json
 from classifiers.train import (
-    PRECISIONS,
     DevicePolicy,
     Normalizer,
+    check_precision,
     evaluate,
-    precision_before_the_setting,
     resolve_device,
     supervised_step,
+    with_saved_precision,
 )
 
 SCRATCH = "scratch"
@@ -157,8 +148,7 @@ class FinetuneConfig:
             raise ValueError(f"train_per_class {self.train_per_class} must be at least 1 (or None for all images)")
         if self.workers < 0:
             raise ValueError(f"workers {self.workers} must be 0 or more")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {self.precision!r}; use {', '.join(PRECISIONS)}")
+        check_precision(self.precision)
         for name in ("batch_size", "log_every", "ckpt_every", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} {getattr(self, name)} must be at least 1")
@@ -171,7 +161,7 @@ class FinetuneConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FinetuneConfig:
-        d = {"precision": precision_before_the_setting(d.get("device", "auto"))} | d
+        d = with_saved_precision(d)
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
@@ -234,7 +224,7 @@ class Finetuner:
         if saved is not None and cfg.precision == "auto":
             cfg = replace(cfg, precision=saved.precision)  # a resumed run keeps its arithmetic, on any machine
         self.dev = DevicePolicy(resolve_device(cfg.device), cfg.precision)
-        require_same(self.dev.precision, "precisions", "give --precision bf16 or fp32 explicitly")
+        self.dev.require_same_on_all_ranks()
         cfg = replace(cfg, precision=self.dev.precision)  # resolved: config.json and the checkpoints say what ran
         if saved is not None:
             _check_same_config(saved, cfg, self.run_dir)
@@ -286,7 +276,7 @@ class Finetuner:
                 self.logger.text("hyperparameters", hparams_table(
                     asdict(cfg) | {"head": self.head, "arch": self.arch, "train_images": n_train,
                                    "effective_batch_size": self.batch_size * world,
-                                   "resolved_device": str(self.dev.device), "resolved_precision": self.dev.precision}))
+                                   "resolved_device": str(self.dev.device)}))
         self.window = ScalarWindow()
         self.pbar: tqdm | None = None
 

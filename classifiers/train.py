@@ -8,6 +8,7 @@ import os
 import platform
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from classifiers.distributed import require_same
 from classifiers.metrics import classification_metrics
 
 PAPER_MEAN = 0.3162
@@ -90,22 +92,28 @@ def cpu_has_bf16_matrix_units() -> bool:
     return bool(probe is not None and probe())
 
 
-def precision_before_the_setting(device: str) -> str:
-    """The arithmetic the code before the ``precision`` setting used, for runs saved by it: bf16 autocast on CUDA,
-    fp32 on a CPU.
+def check_precision(name: str) -> None:
+    """Raise ``ValueError`` naming the choices unless ``name`` is one of :data:`PRECISIONS`."""
+    if name not in PRECISIONS:
+        raise ValueError(f"unknown precision {name!r}; use {', '.join(PRECISIONS)}")
 
-    ``device`` is the saved setting (``auto``, ``cpu`` or ``cuda[:N]``); ``auto`` is read as this machine reads it,
-    as that code would have on resuming here."""
+
+def with_saved_precision(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved configuration (with a ``device`` setting) with its ``precision``; one saved before the setting existed
+    gets the arithmetic that code used: bf16 autocast on CUDA, fp32 on a CPU (a saved ``auto`` device is read as
+    this machine reads it, as that code would have on resuming here)."""
+    if "precision" in saved:
+        return dict(saved)
+    device = saved.get("device", "auto")
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    return "bf16" if cuda else "fp32"
+    return {**saved, "precision": "bf16" if cuda else "fp32"}
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
     """``auto`` -> ``bf16`` on a GPU that computes bf16 natively and on a CPU with AMX, else ``fp32``.
 
     An unknown name is a ``ValueError`` naming the choices."""
-    if name not in PRECISIONS:
-        raise ValueError(f"unknown precision {name!r}; use {', '.join(PRECISIONS)}")
+    check_precision(name)
     if name != "auto":
         return name
     if device.type == "cuda":
@@ -136,6 +144,11 @@ class DevicePolicy:
     @property
     def cuda(self) -> bool:
         return self.device.type == "cuda"
+
+    def require_same_on_all_ranks(self) -> None:
+        """Under torch.distributed, refuse ranks that resolved ``auto`` to different precisions (a collective: every
+        rank calls it); one process: nothing to check."""
+        require_same(self.precision, "precisions", "give --precision bf16 or fp32 explicitly")
 
     def autocast(self):
         """The context the classifier's forward pass runs in: bf16 autocast, or nothing for fp32."""

@@ -17,9 +17,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from classifiers.data import DataSpec, load_dataset, make_loader
-from classifiers.distributed import average_buffers, require_same
+from classifiers.distributed import average_buffers
 from classifiers.models import ARCHITECTURES, build_classifier
-from classifiers.train import PRECISIONS, DevicePolicy, Normalizer, resolve_device, supervised_step
+from classifiers.train import DevicePolicy, Normalizer, check_precision, resolve_device, supervised_step
 from envs.masks import NoiseMask
 
 REWARDS = ("classifiable", "adversarial", "correct")
@@ -85,8 +85,7 @@ class EnvConfig:
             raise ValueError(f"workers {self.workers} must be 0 or more")
         if self.lr_step_epochs < 1:
             raise ValueError(f"lr_step_epochs {self.lr_step_epochs} must be at least 1")
-        if self.precision not in PRECISIONS:  # resolved later, by DevicePolicy, once the process has its GPU
-            raise ValueError(f"unknown precision {self.precision!r}; use {', '.join(PRECISIONS)}")
+        check_precision(self.precision)  # resolved later, by DevicePolicy, once the process has its GPU
         NoiseMask(self.image_size, self.grid, self.blur_kernel, self.blur_sigma)
         resolve_device(self.device)
 
@@ -117,7 +116,7 @@ class PretrainCore:
         cfg.validate()
         self.cfg = cfg
         self.dev = DevicePolicy(resolve_device(cfg.device), cfg.precision)
-        require_same(self.dev.precision, "precisions", "give --precision bf16 or fp32 explicitly")
+        self.dev.require_same_on_all_ranks()
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
         self.world_size = dist.get_world_size() if self.distributed else 1
