@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.distributions import Beta
 
+from agents.policy import sample_mask
 from envs.core import PretrainCore, StepResult
 
 if TYPE_CHECKING:
@@ -16,12 +18,15 @@ if TYPE_CHECKING:
 
 @dataclass
 class Action:
-    """How the environment should perturb the current batch: a mask grid, a function, or neither."""
+    """How the environment should perturb the current batch (a mask grid, a function, or neither), and how
+    it should weigh the classifier's loss."""
 
     grid: torch.Tensor | None = None
     """Noise-mask grid (B, G, G) with values in [0, 1]."""
     perturb: Callable[[torch.Tensor], torch.Tensor] | None = None
     """Applied to the normalised (and masked) batch."""
+    loss_scale: torch.Tensor | None = None
+    """A 0-d tensor on the device that multiplies the classifier's batch-mean cross-entropy (None: 1)."""
 
 
 class Agent:
@@ -42,6 +47,19 @@ class Agent:
 
     def act(self, images: torch.Tensor) -> Action:
         raise NotImplementedError
+
+    def mask_distribution(self, images: torch.Tensor) -> Beta | None:
+        """The per-cell Beta distribution (batch shape (B, G, G)) the agent draws a uint8 batch's mask grids from,
+        without gradient and without changing any state; None for an agent that draws no mask. The runner reads
+        it on a fixed probe batch to log what the policy learned (``agents.diagnostics``)."""
+        return None
+
+    def evaluation_action(self, images: torch.Tensor) -> Action:
+        """The perturbation the agent applies in training, for evaluating a model on inputs like its training
+        inputs, without learning or side effects: a grid sampled from :meth:`mask_distribution` where there is
+        one, else :meth:`act` (the non-learned agents' ``act`` has no side effects)."""
+        dist = self.mask_distribution(images)
+        return Action(grid=sample_mask(dist)) if dist is not None else self.act(images)
 
     def observe(self, result: StepResult) -> dict[str, float]:
         """Learn from one step's result; return scalars to log (``name -> value``)."""
@@ -72,6 +90,6 @@ class Agent:
             if core.exhausted:
                 core.reset()
             action = self.act(core.images)
-            result = core.step(grid=action.grid, perturb=action.perturb)
+            result = core.step(grid=action.grid, perturb=action.perturb, loss_scale=action.loss_scale)
             scalars = self.observe(result)
             runner.after_step(result, scalars, action.grid)

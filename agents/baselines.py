@@ -1,10 +1,14 @@
-"""Non-learned agents: plain training, a fixed Beta(1, 1) blurred mask, additive Gaussian noise."""
+"""Non-learned agents: plain training (also at a scaled loss), a fixed Beta(1, 1) blurred mask, additive
+Gaussian noise."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 from agents.base import Action, Agent
+from envs.core import PretrainCore, StepResult
 
 
 class NoMask(Agent):
@@ -14,6 +18,44 @@ class NoMask(Agent):
 
     def act(self, images: torch.Tensor) -> Action:
         return Action()
+
+
+class ScaledNoMask(Agent):
+    """Plain training with the classifier's loss multiplied by a constant ``loss_scale``: the control for the
+    reference recipe's loss scaling (``reinforce-official-scaled``), which separates "mask" from "larger step".
+
+    The default factor is ``log(G * G)``: the reference factor's exact value when every cell is Beta(1, 1),
+    toward which its objective drifts (8.32 at the paper's G = 64; it measured about 8.5). With SGD, a loss
+    scaled by k at learning rate l and weight decay w takes the same steps as the unscaled loss at learning
+    rate k * l and weight decay w / k (the gradient is k * dCE + w * theta).
+    """
+
+    name = "none-scaled"
+
+    def __init__(self, loss_scale: float | None = None) -> None:
+        if loss_scale is not None:
+            check_loss_scale(loss_scale, "set loss_scale (--loss-scale) to a positive number, e.g. 8.5")
+        self.loss_scale = loss_scale
+
+    def bind(self, core: PretrainCore, total_steps: int) -> None:
+        super().bind(core, total_steps)
+        g = core.cfg.grid
+        factor = self.loss_scale if self.loss_scale is not None else math.log(g * g)
+        check_loss_scale(factor, f"the default log(G * G) needs a grid above 1 (got {g}); set loss_scale")
+        self.factor = factor
+        self._scale = torch.tensor(factor, device=core.dev.device)
+
+    def act(self, images: torch.Tensor) -> Action:
+        return Action(loss_scale=self._scale)
+
+    def observe(self, result: StepResult) -> dict[str, float]:
+        return {"train/loss_scale": self.factor}
+
+
+def check_loss_scale(value: float, fix: str) -> None:
+    """Raise ``ValueError`` naming ``value`` and ``fix`` unless it is a positive, finite number."""
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"loss scale {value} must be a positive, finite number; {fix}")
 
 
 class UniformMask(Agent):
@@ -30,11 +72,14 @@ class UniformMask(Agent):
             raise ValueError(f"Beta({alpha}, {beta}): both concentrations must be positive")
         self.alpha, self.beta = alpha, beta
 
-    def act(self, images: torch.Tensor) -> Action:
+    def mask_distribution(self, images: torch.Tensor) -> torch.distributions.Beta:
         g = self.core.cfg.grid
-        dist = torch.distributions.Beta(torch.tensor(self.alpha, device=images.device),
-                                        torch.tensor(self.beta, device=images.device))
-        return Action(grid=dist.sample((images.shape[0], g, g)))
+        shape = (images.shape[0], g, g)
+        return torch.distributions.Beta(torch.full(shape, self.alpha, device=images.device),
+                                        torch.full(shape, self.beta, device=images.device))
+
+    def act(self, images: torch.Tensor) -> Action:
+        return Action(grid=self.mask_distribution(images).sample())
 
 
 class GaussianNoise(Agent):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agents.base import Agent
-from agents.baselines import GaussianNoise, NoMask, UniformMask
+from agents.baselines import GaussianNoise, NoMask, ScaledNoMask, UniformMask
 from agents.reinforce import Reinforce, ReinforceConfig
 
 
@@ -34,11 +34,20 @@ def register(name: str, factory: Callable[..., Agent], options: tuple[str, ...],
 
 _REINFORCE_OPTIONS = tuple(f.name for f in dataclasses.fields(ReinforceConfig))
 register("none", NoMask, (), "plain training, no mask")
+register("none-scaled", ScaledNoMask, ("loss_scale",),
+         "plain training with the classifier's loss times loss_scale (default log(G*G)): the control for "
+         "reinforce-official-scaled's larger step")
 register("uniform-mask", UniformMask, ("alpha", "beta"), "fixed Beta(1, 1) blurred mask (non-learned)")
 register("gaussian-noise", GaussianNoise, ("noise_std",), "additive Gaussian noise on the normalised image")
 register("reinforce", Reinforce, _REINFORCE_OPTIONS, "our REINFORCE with a Beta mask policy")
-register("reinforce-official", Reinforce, tuple(o for o in _REINFORCE_OPTIONS if o != "objective"),
-         "REINFORCE with the reference code's objective", objective="official")
+register("reinforce-official", Reinforce,
+         tuple(o for o in _REINFORCE_OPTIONS if o != "objective"),
+         "the reference code's policy objective; the classifier's loss unscaled unless scale_classifier_loss",
+         objective="official")
+register("reinforce-official-scaled", Reinforce,
+         tuple(o for o in _REINFORCE_OPTIONS if o not in ("objective", "scale_classifier_loss")),
+         "the reference recipe whole: its policy objective, and the classifier's loss times its log-sum-exp "
+         "factor (about 8.5 at G = 64)", objective="official", scale_classifier_loss=True)
 for _module in ("agents.sb3",):
     try:
         importlib.import_module(_module)

@@ -11,12 +11,21 @@ Per step:
 ``objective="official"`` replaces step 3 by the reference code's objective,
 ``mean_i[log(sum_cells(exp(log p_cell)))] * mean_i[CE_i]``, for comparison: it uses a log-sum-exp
 of per-cell densities instead of the joint log-probability, one batch-mean signal for all
-images and no baseline. (The reference code also multiplies the classifier's loss by this
-product; we do not, so the classifier trains the same way under both objectives.)
+images and no baseline.
 
-Under torch.distributed the baseline, the advantage normalisation and the official objective's
-batch mean use all-reduced statistics, and DDP averages the policy's gradients, so N processes of
-batch B take the same policy step as one process of batch N*B.
+The reference code minimises that one product with respect to both networks, so its classifier's
+cross-entropy is also multiplied by the batch-mean log-sum-exp (a constant to the classifier: about
+8.5 at G = 64, log(G * G) = 8.32 when every cell is Beta(1, 1)); with SGD that is a learning rate
+about 8.5 times larger. By default we leave the factor out, so the classifier trains the same way
+under both objectives; ``scale_classifier_loss=True`` (registered as ``reinforce-official-scaled``)
+puts it back, computed from the step's own sampled grid and logged as ``train/loss_scale``, to
+reproduce the reference recipe whole. ``agents.baselines.ScaledNoMask`` (``none-scaled``) is the
+matching control: plain training at a fixed loss scale.
+
+Under torch.distributed the baseline, the advantage normalisation, the official objective's
+batch mean and the classifier's loss scale use all-reduced statistics, and DDP averages the
+gradients, so N processes of batch B take the same steps as one process of batch N*B. (The
+reference code, under DDP, scales each process's loss by its own factor.)
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributions import Beta
 from torch.nn.parallel import DistributedDataParallel
 
 from agents.base import Action, Agent
@@ -62,10 +72,17 @@ class ReinforceConfig:
     """Channels of the policy's convolutional trunk."""
     policy_input_size: int = 64
     """The policy sees the image resized to at most this side."""
+    scale_classifier_loss: bool = False
+    """With ``objective="official"``: multiply the classifier's loss by the batch mean of the log-sum-exp
+    term, as the reference code does (see the module docstring)."""
 
     def validate(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {self.objective!r}; use one of {', '.join(OBJECTIVES)}")
+        if self.scale_classifier_loss and self.objective != "official":
+            raise ValueError(f"scale_classifier_loss needs objective 'official' (got {self.objective!r}): the factor "
+                             "is the reference objective's log-sum-exp term; use --algo reinforce-official-scaled, "
+                             "or none-scaled for plain training at a fixed loss scale")
         if self.param not in PARAMS:
             raise ValueError(f"unknown policy parameterisation {self.param!r}; use one of {', '.join(PARAMS)}")
         if self.policy_lr is not None and not self.policy_lr > 0:
@@ -85,6 +102,12 @@ def reinforce_loss(log_prob: torch.Tensor, advantage: torch.Tensor, entropy: tor
     return loss - entropy_coef * entropy.mean() if entropy_coef else loss
 
 
+def log_sum_exp_term(cell_log_prob: torch.Tensor) -> torch.Tensor:
+    """``mean_b(log(sum_cells(exp(log p))))`` of per-cell log-probabilities (B, G, G): the reference
+    objective's policy factor, and the factor it multiplies the classifier's loss by."""
+    return torch.logsumexp(cell_log_prob.flatten(1), dim=1).mean()
+
+
 def official_loss(cell_log_prob: torch.Tensor, ce_mean: torch.Tensor) -> torch.Tensor:
     """The reference code's objective: ``mean_b(log(sum_cells(exp(log p)))) * CE_batch_mean``.
 
@@ -92,7 +115,7 @@ def official_loss(cell_log_prob: torch.Tensor, ce_mean: torch.Tensor) -> torch.T
         cell_log_prob: per-cell log-probabilities, (B, G, G).
         ce_mean: the batch-mean cross-entropy of the classifier (treated as a constant).
     """
-    return torch.logsumexp(cell_log_prob.flatten(1), dim=1).mean() * ce_mean.detach()
+    return log_sum_exp_term(cell_log_prob) * ce_mean.detach()
 
 
 class Reinforce(Agent):
@@ -121,12 +144,22 @@ class Reinforce(Agent):
         self.baseline = torch.zeros((), device=core.dev.device)
         self.baseline_ready = False
 
+    @torch.no_grad()
+    def mask_distribution(self, images: torch.Tensor) -> Beta:
+        """The policy's per-cell Beta for ``images``, its moving-average base left as it is."""
+        alpha, beta = self.policy(images, update_base=False)
+        return Beta(alpha, beta)
+
     def act(self, images: torch.Tensor) -> Action:
         self.policy.train()
         dist = beta_distribution(self.net, images, update_base=True, step=self.core.global_step)
         grid = sample_mask(dist)
         self._dist, self._grid = dist, grid
-        return Action(grid=grid)
+        self._loss_scale = None
+        if self.cfg.scale_classifier_loss:
+            with torch.no_grad():  # a constant to the classifier; the policy's gradient comes from observe
+                self._loss_scale = all_mean(log_sum_exp_term(mask_log_prob(dist, grid)))
+        return Action(grid=grid, loss_scale=self._loss_scale)
 
     def observe(self, result: StepResult) -> dict[str, float]:
         cfg, dist, grid = self.cfg, self._dist, self._grid
@@ -169,7 +202,10 @@ class Reinforce(Agent):
         names = ["policy/loss", "policy/entropy", "policy/advantage_std", "policy/grad_norm", "policy/baseline",
                  "policy/alpha_mean", "policy/alpha_std", "policy/beta_mean", "policy/beta_std",
                  "policy/beta_mean_value"]
-        return dict(zip(names, stats)) | {"policy/lr": self.optimizer.param_groups[0]["lr"]}
+        scalars = dict(zip(names, stats)) | {"policy/lr": self.optimizer.param_groups[0]["lr"]}
+        if self._loss_scale is not None:
+            scalars["train/loss_scale"] = self._loss_scale
+        return scalars
 
     def state_dict(self) -> dict[str, Any]:
         return {

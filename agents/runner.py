@@ -1,10 +1,23 @@
 """Pretraining runs: an agent drives the environment; the runner logs, evaluates, checkpoints and resumes.
 
 A run folder holds ``config.json``, TensorBoard events, ``metrics.jsonl``, ``checkpoint.pt`` (and
-``checkpoint.prev.pt``, the one before) and, at the end, ``heated.pt``. Checkpoints are written
+``checkpoint.prev.pt``, the one before) and, at the end, ``heated.pt`` and ``heated_metrics.json``. Checkpoints are
+written
 atomically every ``ckpt_every`` steps and at every epoch end; they hold the classifier, its
 optimiser, the agent's state, the data position and every RNG state, so a resumed run continues
 exactly as the uninterrupted run would have.
+
+What a run measures beyond losses and rewards:
+
+- every logging step, for an agent with a mask distribution, the policy diagnostics of ``agents.diagnostics`` on
+  a fixed probe batch of validation images (``diagnostics/...``), and with the image grids (at the first step,
+  every ``image_every`` steps and the last) the expected mask averaged per class;
+- every validation pass, on data that knows each image's modality (synthrad), the shortcut metrics
+  (``val/shortcut_gap`` ...; ``classifiers.metrics.shortcut_metrics``);
+- at the end, the heated model's own figures (``heated/<split>/...`` and ``heated/<split>_perturbed/...``): on the
+  test split and, for synthrad's pretraining task, its modality-shifted split, on clean inputs and on inputs
+  perturbed as in training (masks drawn from the agent's final policy; ``Agent.evaluation_action``). They go to
+  ``metrics.jsonl``, TensorBoard and ``heated_metrics.json`` (with the final diagnostics).
 """
 
 from __future__ import annotations
@@ -16,9 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributions import Beta
 from tqdm import tqdm
 
 from agents.base import Agent
+from agents.diagnostics import make_probe, mean_mask_per_class, policy_diagnostics
 from agents.registry import make_agent
 from classifiers.checkpoint import (
     decorrelate_ranks,
@@ -31,7 +46,7 @@ from classifiers.checkpoint import (
 from classifiers.data import load_dataset, make_loader
 from classifiers.distributed import all_mean, barrier, init_from_env, is_main, shutdown
 from classifiers.heated import save_heated
-from classifiers.metrics import METRIC_NAMES
+from classifiers.metrics import SCALAR_METRICS
 from classifiers.runlog import RunLogger, ScalarWindow, hparams_table, write_json
 from classifiers.train import evaluate, with_saved_precision
 from envs.core import EnvConfig, PretrainCore, StepResult
@@ -115,15 +130,20 @@ class PretrainRunner:
         total = cfg.epochs * self.core.steps_per_epoch
         self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
         self.agent.bind(self.core, self.total_steps)
+        self.probe = make_probe(data, self.core.dev.device) if self.main else None
+        self.initial_policy = None
+        """The policy's Beta on the probe at step 0, kept as ``(alpha, beta)`` for ``diagnostics/kl_initial``."""
         if state is not None:
             self.core.load_state_dict(state["core"])
             self.agent.load_state_dict(state["agent"])
+            self.initial_policy = state.get("initial_policy")
             set_run_rng_state(state["rng"], cfg.env.seed, self.core.global_step)
             self.logger = RunLogger(self.run_dir, self.main, purge_step=self.core.global_step + 1,
                                     resume_offset=state["metrics_offset"])
         else:
             seed_everything(cfg.env.seed)
             self.core.reset(seed=cfg.env.seed)
+            self.initial_policy = self._probe_distribution()
             decorrelate_ranks(cfg.env.seed)  # after the classifier's initialisation, which every rank shares
             self.logger = RunLogger(self.run_dir, self.main)
             if self.main:
@@ -137,6 +157,28 @@ class PretrainRunner:
         return {**{f"env.{k}": v for k, v in c.pop("env").items()},
                 **{f"agent.{k}": v for k, v in c.pop("agent").items()}, **c,
                 "resolved_device": str(self.core.dev.device)}
+
+    def _probe_distribution(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The agent's current per-cell Beta on the probe images as CPU ``(alpha, beta)`` (None without one)."""
+        if self.probe is None:
+            return None
+        dist = self.agent.mask_distribution(self.probe.images)
+        if dist is None:
+            return None
+        return dist.concentration1.detach().float().cpu(), dist.concentration0.detach().float().cpu()
+
+    def diagnostics(self) -> dict[str, torch.Tensor]:
+        """The policy diagnostics (``agents.diagnostics``) on the probe batch now; empty without a mask policy."""
+        if self.probe is None:
+            return {}
+        dist = self.agent.mask_distribution(self.probe.images)
+        if dist is None:
+            return {}
+        initial = None
+        if self.initial_policy is not None:
+            device = self.core.dev.device
+            initial = Beta(self.initial_policy[0].to(device), self.initial_policy[1].to(device))
+        return policy_diagnostics(dist, self.probe, self.core.mask, initial)
 
     def done(self) -> bool:
         return self.core.global_step >= self.total_steps
@@ -156,7 +198,7 @@ class PretrainRunner:
         # Logging windows close at every checkpoint, so a resumed run logs exactly what an uninterrupted one does.
         if step % self.cfg.log_every == 0 or checkpoint:
             self._log_window(step)
-        if self.main and grid is not None and step % self.cfg.image_every == 0:
+        if self.main and grid is not None and (step % self.cfg.image_every == 0 or step == 1 or self.done()):
             self._log_images(step, grid)
         if checkpoint:
             self.core.sync_buffers()
@@ -183,6 +225,8 @@ class PretrainRunner:
         means["perf/images_per_second"] = images / max(self.window.elapsed(), 1e-9)
         means["train/lr"] = self.core.optimizer.param_groups[0]["lr"]
         means["train/epoch"] = float(self.core.epoch)
+        if self.main:
+            means |= {k: float(v) for k, v in self.diagnostics().items()}
         self.logger.scalars(step, means)
         if self.pbar is not None:
             self.pbar.set_postfix(loss=f"{means['train/loss']:.3f}", acc=f"{means['train/accuracy']:.3f}")
@@ -195,13 +239,59 @@ class PretrainRunner:
         self.logger.images(step, "images/mask", mask)
         self.logger.images(step, "images/masked", (clean * mask)[:, :3])
         self.logger.histogram(step, "mask/values", grid)
+        dist = self.agent.mask_distribution(self.probe.images) if self.probe is not None else None
+        if dist is not None:
+            per_class = mean_mask_per_class(dist, self.probe, self.core.mask)
+            self.logger.images(step, "images/mean_mask_per_class", per_class, nrow=min(6, len(per_class)))
 
     def _evaluate(self, step: int) -> None:
         if self.main:
-            metrics = evaluate(self.core.classifier, self.val_loader, self.core.dev, self.core.normalizer)
-            self.last_val = {f"val/{k}": float(metrics[k]) for k in ("loss", *METRIC_NAMES)}
+            metrics = evaluate(self.core.classifier, self.val_loader, self.core.dev, self.core.normalizer,
+                               self.core.data.in_preferred_modality("val"))
+            self.last_val = {f"val/{k}": float(metrics[k]) for k in SCALAR_METRICS if k in metrics}
             self.logger.scalars(step, self.last_val)
         barrier()
+
+    def heated_splits(self) -> list[str]:
+        """The splits the heated model is reported on: the test split (val without one) and synthrad's shifted one."""
+        data = self.core.data
+        return [data.eval_split] + (["shifted"] if "shifted" in data.splits else [])
+
+    def evaluate_heated(self, split: str, perturbed: bool) -> dict[str, Any]:
+        """The classifier's metrics on ``split``, clean or perturbed as in training (masks drawn from the agent's
+        current policy, from a generator seeded with the run's seed, so the figures are reproducible and training's
+        random streams are left alone)."""
+        core = self.core
+        loader = make_loader(core.data, split, self.cfg.eval_batch_size, train=False)
+        preferred = core.data.in_preferred_modality(split)
+        if not perturbed:
+            return evaluate(core.classifier, loader, core.dev, core.normalizer, preferred)
+
+        def inputs(images: torch.Tensor) -> torch.Tensor:
+            action = self.agent.evaluation_action(images)
+            return core.inputs(images, action.grid, action.perturb)
+
+        devices = [core.dev.device] if core.dev.cuda else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.cfg.env.seed)
+            return evaluate(core.classifier, loader, core.dev, inputs, preferred)
+
+    def _report_heated(self) -> None:
+        """Log the heated model's own figures and the final diagnostics; write ``heated_metrics.json``."""
+        step = self.core.global_step
+        with torch.random.fork_rng(devices=[self.core.dev.device] if self.core.dev.cuda else []):
+            action = self.agent.evaluation_action(self.probe.images if self.probe else self.core.images)
+        perturbs = action.grid is not None or action.perturb is not None
+        figures: dict[str, float] = {}
+        for split in self.heated_splits():
+            clean = self.evaluate_heated(split, perturbed=False)
+            masked = self.evaluate_heated(split, perturbed=True) if perturbs else clean
+            for name, metrics in ((split, clean), (f"{split}_perturbed", masked)):
+                figures |= {f"heated/{name}/{k}": float(metrics[k]) for k in SCALAR_METRICS if k in metrics}
+        diagnostics = {k: float(v) for k, v in self.diagnostics().items()}
+        self.logger.scalars(step, figures)
+        write_json(self.run_dir / "heated_metrics.json", {"step": step, "algo": self.cfg.algo, **figures,
+                                                           **diagnostics})
 
     def save_checkpoint(self) -> None:
         """Write ``checkpoint.pt`` atomically, keeping the previous one as ``checkpoint.prev.pt``."""
@@ -211,6 +301,7 @@ class PretrainRunner:
             "rng": run_rng_state(),
             "config": asdict(self.cfg),
             "metrics_offset": self.logger.offset(),
+            "initial_policy": self.initial_policy,
         }
         if self.main:
             write_checkpoint(self.run_dir, state)
@@ -228,6 +319,7 @@ class PretrainRunner:
             self.pbar.close()
             self.pbar = None
         if self.main:
+            self._report_heated()
             env = self.cfg.env
             save_heated(self.run_dir / "heated.pt", self.core.classifier, env.classifier, self.core.num_classes,
                         self.core.in_channels, env.image_size, self.core.data.class_names,

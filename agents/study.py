@@ -46,7 +46,7 @@ import torch
 from agents.registry import AGENTS, algo_names
 from agents.runner import PretrainConfig, pretrain
 from classifiers.finetune import RESUME_FREE, SCRATCH, FinetuneConfig, finetune
-from classifiers.metrics import METRIC_NAMES
+from classifiers.metrics import METRIC_NAMES, SHORTCUT_NAMES
 from classifiers.runlog import write_json
 from classifiers.train import resolve_device, resolve_precision
 from envs.core import EnvConfig
@@ -70,7 +70,7 @@ class StudyConfig:
     """The pretraining task."""
     targets: tuple[str, ...] | None = None
     """Target tasks, ``DATASET`` or ``DATASET@K`` (None: the pretraining task, and for synthrad the unseen task
-    with the same options in full and with ``fewshot_k`` images per class)."""
+    with the same options in full and with ``fewshot_k`` images per class; empty: pretraining only)."""
     fewshot_k: int = 10
     """K of the default few-shot target."""
     classifier: str = "smallcnn"
@@ -150,8 +150,10 @@ class StudyConfig:
         if not self.seeds:
             raise ValueError("no seeds given; name at least one, e.g. --seeds 0 1 2")
         targets = self.resolved_targets()
-        if not targets or len(set(targets)) != len(targets):
+        if len(set(targets)) != len(targets):
             raise ValueError(f"targets {list(targets)} must be given once each")
+        if not targets and SCRATCH in self.methods:
+            raise ValueError(f"{SCRATCH} trains on a target, and none is given; drop {SCRATCH} or name a target")
         for t in targets:
             parse_target(t)
         if self.threads is not None and self.threads < 1:
@@ -312,14 +314,15 @@ class Study:
     def _run_one(self, record: RunRecord, cfg: PretrainConfig | FinetuneConfig) -> str:
         run_dir = Path(record.run_dir)
         if record.stage == "pretrain":
-            done, settings, start = "heated.pt", _pretrain_settings, pretrain
+            # heated_metrics.json is written last; a run finished before it existed is resumed to write it
+            done, settings, start = ("heated.pt", "heated_metrics.json"), _pretrain_settings, pretrain
         else:
-            done, settings, start = "metrics.json", _finetune_settings, finetune
+            done, settings, start = ("metrics.json",), _finetune_settings, finetune
         saved = _saved_settings(run_dir, settings)
         if saved is not None and saved != settings(asdict(cfg)):
             raise ValueError(f"run folder {run_dir} holds a run with other settings than this study's; "
                              "remove it or choose another --out")
-        if saved is not None and (run_dir / done).exists():
+        if saved is not None and all((run_dir / name).exists() for name in done):
             return "reused"
         resumed = (run_dir / "checkpoint.pt").exists() or (run_dir / "checkpoint.prev.pt").exists()
         start(cfg, resume=True)
@@ -342,23 +345,40 @@ class Study:
             m = json.loads((Path(r.run_dir) / "metrics.json").read_text())
             pre = "" if r.method == SCRATCH else str(self.pretrain_dir(r.method, r.seed))
             rows.append({"method": r.method, "seed": r.seed, "target": r.target,
-                         **{k: m[k] for k in METRIC_NAMES}, "loss": m["loss"], "split": m["split"],
+                         **{k: m[k] for k in (*METRIC_NAMES, *SHORTCUT_NAMES) if k in m}, "loss": m["loss"],
+                         "split": m["split"],
                          "head": m["head"], "train_images": m["train_images"], "steps": m["steps"],
                          "pretrain_dir": pre, "finetune_dir": r.run_dir})
         return rows
 
+    def collect_heated(self) -> list[dict[str, Any]]:
+        """One row per pretraining run: method, seed, the heated model's own figures and the final policy
+        diagnostics (``heated_metrics.json``, see ``agents.runner``)."""
+        rows = []
+        for r in self.records:
+            if r.stage == "pretrain":
+                figures = json.loads((Path(r.run_dir) / "heated_metrics.json").read_text())
+                rows.append({"method": r.method, "seed": r.seed, **{k: v for k, v in figures.items()
+                                                                     if "/" in k}, "pretrain_dir": r.run_dir})
+        return rows
+
     def write(self, rows: list[dict[str, Any]], seconds: float) -> None:
-        """Write ``study.json``, ``results.csv``, ``results.md`` and ``results.png``."""
+        """Write ``study.json``, ``results.csv``, ``heated.csv``, ``results.md`` and ``results.png``."""
         self.out.mkdir(parents=True, exist_ok=True)
+        heated = self.collect_heated()
         write_json(self.out / "study.json", {"config": asdict(self.cfg), "targets": list(self.targets),
                                              "counts": self.counts(), "seconds": seconds,
                                              "runs": [asdict(r) for r in self.records]})
-        with open(self.out / "results.csv", "w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        (self.out / "results.md").write_text(results_markdown(rows, self.cfg, self.targets), encoding="utf-8")
-        plot_results(rows, self.cfg.methods, self.targets, self.out / "results.png")
+        for name, table in (("results.csv", rows), ("heated.csv", heated)):  # pretraining only: no results.csv
+            if table:
+                with open(self.out / name, "w", newline="", encoding="utf-8") as fh:
+                    writer = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for row in table for k in row)))
+                    writer.writeheader()
+                    writer.writerows(table)
+        text = results_markdown(rows, self.cfg, self.targets) + heated_markdown(heated, self.cfg)
+        (self.out / "results.md").write_text(text, encoding="utf-8")
+        if rows:
+            plot_results(rows, self.cfg.methods, self.targets, self.out / "results.png")
 
 
 def paired_difference(values: np.ndarray, reference: np.ndarray) -> tuple[float, float, float, int]:
@@ -377,18 +397,54 @@ def paired_difference(values: np.ndarray, reference: np.ndarray) -> tuple[float,
     return mean, mean - half, mean + half, n
 
 
-def _by(rows: list[dict[str, Any]], method: str, target: str, metric: str) -> dict[int, float]:
-    return {r["seed"]: float(r[metric]) for r in rows if r["method"] == method and r["target"] == target}
+def _by(rows: list[dict[str, Any]], method: str, target: str | None, metric: str) -> dict[int, float]:
+    """Seed -> value of ``metric`` for ``method`` on ``target`` (heated rows have no target: None)."""
+    return {r["seed"]: float(r[metric]) for r in rows
+            if r["method"] == method and r.get("target") == target and r.get(metric, "") != ""}
 
 
 def _mean_std(values: list[float]) -> str:
+    if not values:
+        return ""
     if len(values) == 1:
         return f"{values[0]:.4f}"
     return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
 
 
+def _tables(rows: list[dict[str, Any]], methods: list[str], target: str | None, columns: list[str],
+            names: list[str] | None = None) -> list[str]:
+    """Markdown lines: mean ± standard deviation per method over ``columns``, then each method's paired difference
+    to ``none`` (same seed) with its 95% t-interval. ``names`` are the column headings (default: ``columns``)."""
+    header = "| method | n | " + " | ".join(names or columns) + " |"
+    rule = "|---|---|" + "---|" * len(columns)
+    lines = [header, rule]
+    for m in methods:
+        cells = [_mean_std(list(_by(rows, m, target, k).values())) for k in columns]
+        lines.append(f"| {m} | {max(len(_by(rows, m, target, k)) for k in columns)} | " + " | ".join(cells) + " |")
+    lines.append("")
+    if BASELINE in methods and len(methods) > 1:
+        lines += [f"Paired difference to `{BASELINE}` (method - {BASELINE}, same seed): mean over seeds "
+                  "[95% confidence interval, t distribution with n - 1 degrees of freedom].", "", header, rule]
+        for m in methods:
+            if m == BASELINE:
+                continue
+            cells, pairs = [], 0
+            for k in columns:
+                ref, val = _by(rows, BASELINE, target, k), _by(rows, m, target, k)
+                seeds = sorted(set(ref) & set(val))
+                if not seeds:
+                    cells.append("")
+                    continue
+                mean, low, high, pairs = paired_difference([val[s] for s in seeds], [ref[s] for s in seeds])
+                cells.append(f"{mean:+.4f}" + ("" if math.isnan(low) else f" [{low:+.4f}, {high:+.4f}]"))
+            lines.append(f"| {m} | {pairs} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
 def results_markdown(rows: list[dict[str, Any]], cfg: StudyConfig, targets: tuple[str, ...]) -> str:
-    """The results table: mean ± standard deviation per method and target, then paired differences to ``none``."""
+    """The results table: mean ± standard deviation per method and target, then paired differences to ``none``;
+    on targets that know each image's modality, also the shortcut metrics."""
     methods = [m for m in cfg.methods if any(r["method"] == m for r in rows)]
     n = len(cfg.seeds)
     pre = f"{cfg.pretrain_steps} steps" if cfg.pretrain_steps else f"{cfg.pretrain_epochs} epochs"
@@ -403,33 +459,107 @@ def results_markdown(rows: list[dict[str, Any]], cfg: StudyConfig, targets: tupl
     )
     lines = ["# Comparison study", "", setting, "", "Cells: mean ± sample standard deviation over seeds.", ""]
     twins = ("balanced_accuracy", "macro_recall")
-    if all(math.isclose(r["accuracy"], r[k], abs_tol=1e-9) for r in rows for k in twins):
+    if rows and all(math.isclose(r["accuracy"], r[k], abs_tol=1e-9) for r in rows for k in twins):
         lines += ["The test splits are class-balanced, so accuracy, balanced accuracy and macro recall coincide.", ""]
-    header = "| method | n | " + " | ".join(METRIC_NAMES) + " |"
-    rule = "|---|---|" + "---|" * len(METRIC_NAMES)
+    if any("shortcut_gap" in r for r in rows):
+        lines += ["`shortcut_gap`: accuracy on images shown in their class's preferred modality minus accuracy on "
+                  "the others (synthrad targets only; near 0 for a classifier that reads the content, not the "
+                  "modality).", ""]
     for target in targets:
-        lines += [f"## {target_label(target)}", "", f"`{target}`", "", header, rule]
-        for m in methods:
-            cells = [_mean_std(list(_by(rows, m, target, k).values())) for k in METRIC_NAMES]
-            lines.append(f"| {m} | {len(_by(rows, m, target, METRIC_NAMES[0]))} | " + " | ".join(cells) + " |")
-        lines.append("")
-        if BASELINE in methods and len(methods) > 1:
-            lines += [f"Paired difference to `{BASELINE}` (method - {BASELINE}, same seed): mean over seeds "
-                      "[95% confidence interval, t distribution with n - 1 degrees of freedom].", "", header, rule]
-            for m in methods:
-                if m == BASELINE:
-                    continue
-                cells = []
-                for k in METRIC_NAMES:
-                    ref, val = _by(rows, BASELINE, target, k), _by(rows, m, target, k)
-                    seeds = sorted(set(ref) & set(val))
-                    mean, low, high, pairs = paired_difference([val[s] for s in seeds], [ref[s] for s in seeds])
-                    cells.append(f"{mean:+.4f}" + ("" if math.isnan(low) else f" [{low:+.4f}, {high:+.4f}]"))
-                lines.append(f"| {m} | {pairs} | " + " | ".join(cells) + " |")
-            lines.append("")
+        columns = list(METRIC_NAMES)
+        if any(r["target"] == target and "shortcut_gap" in r for r in rows):
+            columns += list(SHORTCUT_NAMES)
+        lines += [f"## {target_label(target)}", "", f"`{target}`", ""]
+        lines += _tables(rows, methods, target, columns)
     if n < 2:
         lines += ["With one seed there is no spread and no confidence interval; run more seeds.", ""]
     return "\n".join(lines)
+
+
+HEATED_COLUMNS = {"accuracy": "accuracy", "shortcut_gap": "gap", "accuracy_other": "acc. other modalities"}
+"""The heated model's figures shown per split, with their headings."""
+DIAGNOSTIC_COLUMNS = {
+    "mask_mean": "mask mean", "kl_uniform": "KL to Beta(1,1)", "kl_initial": "KL to step 0",
+    "image_spread": "spread over images", "cell_spread": "spread over cells", "content_gap": "content gap",
+    "content_gap_image_specific": "image-specific content gap",
+}
+"""The policy diagnostics shown at the end of pretraining (``agents.diagnostics``), with their headings."""
+
+
+def heated_markdown(rows: list[dict[str, Any]], cfg: StudyConfig) -> str:
+    """The heated models before fine-tuning (clean and perturbed as in training) and the policies' diagnostics."""
+    methods = [m for m in cfg.methods if any(r["method"] == m for r in rows)]
+    if not rows:
+        return ""
+    splits = sorted((k.split("/")[1] for k in rows[0] if k.startswith("heated/") and k.endswith("/accuracy")
+                     and "_perturbed" not in k), key=lambda split: split == "shifted")
+    lines = ["# The heated models, before fine-tuning", "",
+             "Each pretraining run's classifier on the pretraining task's test split and, for synthrad, on its "
+             "modality-shifted split (modality independent of the class), on clean inputs and on inputs perturbed as "
+             "in its training (masks drawn from its final policy): masked training and clean evaluation differ in "
+             "their inputs, so a smaller gap on clean inputs alone is no evidence of less shortcut.", ""]
+    for perturbed in (False, True):
+        columns, names = [], []
+        for split in splits:
+            name = f"{split}_perturbed" if perturbed else split
+            for k, heading in HEATED_COLUMNS.items():
+                if f"heated/{name}/{k}" in rows[0]:
+                    columns.append(f"heated/{name}/{k}")
+                    names.append(f"{split} {heading}")
+        lines += [f"## {'Perturbed as in training' if perturbed else 'Clean inputs'}", ""]
+        lines += _tables(rows, methods, None, columns, names)
+    learned = [m for m in methods if any(f"diagnostics/{k}" in r for r in rows if r["method"] == m
+                                         for k in DIAGNOSTIC_COLUMNS)]
+    if learned:
+        columns = [f"diagnostics/{k}" for k in DIAGNOSTIC_COLUMNS]
+        lines += ["# What the policy learned", "",
+                  "At the end of pretraining, on a fixed probe batch of validation images (see `agents/diagnostics.py`"
+                  " and docs/method.md): drift of the concentrations raises the KL to step 0 but leaves the spread "
+                  "over images at 0; a mask that follows each image's content has an image-specific content gap "
+                  "(mask on anatomy and lesion minus mask on the background, beyond what the average mask gives).",
+                  "", "| method | n | " + " | ".join(DIAGNOSTIC_COLUMNS.values()) + " |",
+                  "|---|---|" + "---|" * len(columns)]
+        for m in learned:
+            cells = [_mean_std(list(_by(rows, m, None, k).values())) for k in columns]
+            lines.append(f"| {m} | {len(_by(rows, m, None, columns[0]))} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def with_synthrad_option(spec: str, key: str, value: object) -> str:
+    """``spec`` with the generator option ``key=value`` set (replacing an earlier value)."""
+    base, _, query = spec.partition("?")
+    options = [o for o in query.split("&") if o and o.split("=")[0] != key] + [f"{key}={value}"]
+    return f"{base}?{'&'.join(options)}"
+
+
+def bias_sweep(cfg: StudyConfig, biases: tuple[float, ...]) -> str:
+    """Pretrain ``cfg.methods`` on synthrad at each ``modality_bias`` (pretraining only, ``cfg.out/bias-<b>``) and
+    return a Markdown table of the heated models' shortcut figures: mean over seeds [95% t-interval].
+
+    At bias 1/3 modality carries no information about the class, so the gap should be near 0; as the bias grows,
+    a classifier that leans on modality texture shows a growing gap and a falling shifted accuracy."""
+    if not cfg.pretrain_dataset.startswith("synthrad") or cfg.pretrain_dataset.startswith("synthrad:unseen"):
+        raise ValueError(f"a bias sweep needs synthrad's pretraining task, not {cfg.pretrain_dataset!r}")
+    columns = {"heated/test/accuracy": "test accuracy", "heated/test/shortcut_gap": "shortcut gap",
+               "heated/test/accuracy_other": "test acc. other modalities",
+               "heated/shifted/accuracy": "shifted accuracy", "heated/shifted/shortcut_gap": "shifted gap"}
+    lines = ["| modality_bias | method | n | " + " | ".join(columns.values()) + " |",
+             "|---|---|---|" + "---|" * len(columns)]
+    for bias in biases:
+        run = replace(cfg, targets=(), out=str(Path(cfg.out) / f"bias-{bias:.4g}"),
+                      pretrain_dataset=with_synthrad_option(cfg.pretrain_dataset, "modality_bias", bias))
+        study = Study(run)
+        study.run()
+        rows = study.collect_heated()
+        for m in study.pretrain_methods:
+            cells, n = [], 0
+            for key in columns:
+                values = list(_by(rows, m, None, key).values())
+                mean, low, high, n = paired_difference(values, [0.0] * len(values))
+                cells.append(f"{mean:.3f}" + ("" if math.isnan(low) else f" [{low:.3f}, {high:.3f}]"))
+            lines.append(f"| {bias:.3g} | {m} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def plot_results(rows: list[dict[str, Any]], methods: tuple[str, ...], targets: tuple[str, ...], path: Path) -> None:

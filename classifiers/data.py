@@ -2,7 +2,8 @@
 
 Dataset specifications (``--dataset``):
 
-- ``synthrad`` / ``synthrad:pretrain``, ``synthrad:unseen``: the embedded generator. Options after
+- ``synthrad`` / ``synthrad:pretrain``, ``synthrad:unseen``, ``synthrad:shifted``: the embedded generator
+  (``shifted`` is the pretraining task tested on images whose modality is independent of the class). Options after
   ``?`` as ``key=value`` pairs joined by ``&`` (``synthrad:unseen?n_train=600&seed=3``) set any
   :class:`~classifiers.synthrad.SynthRadConfig` field but the image size.
 - ``imagefolder:PATH``: RadImageNet's layout, ``PATH/train/<class>/*``, ``PATH/val/<class>/*`` and
@@ -28,9 +29,12 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
-from classifiers.synthrad import SynthRadConfig, class_names, load_synthrad
+from classifiers.synthrad import SynthRadConfig, class_names, load_synthrad, preferred_modality
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".ppm", ".pgm"}
+SYNTHRAD_SPLITS = ("train", "val", "test", "shifted")
+"""The splits synthrad generates; ``shifted`` (the pretraining task's only) tests on modalities independent of the
+class. ``synthrad:shifted`` makes it the test split."""
 CROP_SCALE = (0.6, 1.0)
 """RandomResizedCrop's area range; narrower than torchvision's default so small lesions survive."""
 
@@ -46,6 +50,10 @@ class ImageSource:
     labels: np.ndarray
     images: torch.Tensor | None = None
     files: list[Path] = field(default_factory=list)
+    modality: np.ndarray | None = None
+    """Each image's modality index, where the data knows it (synthrad)."""
+    regions: torch.Tensor | None = None
+    """Each image's region map (N, H, W) uint8: 0 background, 1 anatomy, 2 lesion, where the data knows it."""
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -60,10 +68,19 @@ class DataSpec:
     in_channels: int
     image_size: int
     splits: dict[str, ImageSource]
+    preferred_modality: np.ndarray | None = None
+    """Each class's preferred modality index, where the data knows it (synthrad): what the shortcut metrics need."""
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    def in_preferred_modality(self, split: str) -> np.ndarray | None:
+        """Per image of ``split``: whether it is shown in its class's preferred modality (None where unknown)."""
+        source = self.splits[split]
+        if self.preferred_modality is None or source.modality is None:
+            return None
+        return source.modality == self.preferred_modality[source.labels]
 
     @property
     def eval_split(self) -> str:
@@ -124,16 +141,22 @@ def _parse_options(text: str, where: str) -> dict[str, object]:
 def _load_synthrad(spec: str, image_size: int | None) -> DataSpec:
     rest = spec[len("synthrad"):]
     rest, _, query = rest.partition("?")
-    task = rest.lstrip(":") or "pretrain"
+    name = rest.lstrip(":") or "pretrain"
+    shifted = name == "shifted"
+    task = "pretrain" if shifted else name
     try:
         cfg = SynthRadConfig(task=task, image_size=image_size or 64, **_parse_options(query, spec))
         cfg.validate()
     except ValueError as exc:
-        raise DataError(f"dataset {spec!r}: {exc}") from None
+        raise DataError(f"dataset {spec!r}: {exc}; the tasks are pretrain, unseen and shifted") from None
     arrays = load_synthrad(cfg)
-    splits = {s: ImageSource(labels=arrays[f"{s}_labels"], images=torch.from_numpy(arrays[f"{s}_images"]))
-              for s in ("train", "val", "test")}
-    return DataSpec(f"synthrad:{task}", class_names(task), 1, cfg.image_size, splits)
+    splits = {s: ImageSource(labels=arrays[f"{s}_labels"], images=torch.from_numpy(arrays[f"{s}_images"]),
+                             modality=arrays[f"{s}_modality"], regions=torch.from_numpy(arrays[f"{s}_regions"]))
+              for s in SYNTHRAD_SPLITS if f"{s}_labels" in arrays}
+    if shifted:
+        splits["test"] = splits.pop("shifted")
+    preferred = preferred_modality(task, np.arange(len(class_names(task))))
+    return DataSpec(f"synthrad:{name}", class_names(task), 1, cfg.image_size, splits, preferred)
 
 
 def _load_medmnist(spec: str, image_size: int | None) -> DataSpec:
@@ -313,10 +336,13 @@ def few_shot(source: ImageSource, per_class: int, seed: int) -> ImageSource:
         idx = np.flatnonzero(source.labels == c)
         keep.append(np.sort(rng.permutation(idx)[:per_class]))
     sel = np.sort(np.concatenate(keep))
+    index = torch.from_numpy(sel)
     return ImageSource(
         labels=source.labels[sel],
-        images=source.images[torch.from_numpy(sel)] if source.images is not None else None,
+        images=source.images[index] if source.images is not None else None,
         files=[source.files[i] for i in sel] if source.files else [],
+        modality=source.modality[sel] if source.modality is not None else None,
+        regions=source.regions[index] if source.regions is not None else None,
     )
 
 

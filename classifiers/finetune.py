@@ -22,8 +22,8 @@ The run folder holds ``config.json``, TensorBoard events and ``metrics.jsonl`` (
 ``checkpoint.pt`` / ``checkpoint.prev.pt`` (atomic; every ``ckpt_every`` steps and at every epoch end;
 model, optimiser, data position, RNG states and the metrics.jsonl offset, so a run killed at any point
 and resumed ends with the weights and metrics of an uninterrupted one), ``model.pt`` (the fine-tuned
-classifier in the heated-model format) and ``metrics.json`` (the paper's metrics and the confusion
-matrix on the test split, or the validation split when there is no test split), written last.
+classifier in the heated-model format) and ``metrics.json`` (the paper's metrics, on synthrad the shortcut
+metrics, and the confusion matrix on the test split, or the validation split when there is no test split), written last.
 The final model is the one after the last epoch; no checkpoint is selected on the evaluation split.
 """
 
@@ -46,7 +46,7 @@ from classifiers.checkpoint import open_run, run_rng_state, seed_everything, set
 from classifiers.data import DataSpec, load_dataset, make_loader
 from classifiers.distributed import all_mean, average_buffers, barrier, init_from_env, is_distributed, is_main, rank
 from classifiers.heated import load_heated, save_heated
-from classifiers.metrics import METRIC_NAMES
+from classifiers.metrics import SCALAR_METRICS
 from classifiers.models import ARCHITECTURES, build_classifier, replace_head
 from classifiers.runlog import RunLogger, ScalarWindow, hparams_table, write_json
 from classifiers.train import (
@@ -314,8 +314,9 @@ class Finetuner:
     def evaluate_split(self, split: str) -> dict[str, Any]:
         """The paper's metrics on ``split`` (main process only), logged under ``<split>/``."""
         loader = self.val_loader if split == "val" else self.eval_loader
-        metrics = evaluate(self.model, loader, self.dev, self.normalizer)
-        self.logger.scalars(self.global_step, {f"{split}/{k}": float(metrics[k]) for k in ("loss", *METRIC_NAMES)})
+        metrics = evaluate(self.model, loader, self.dev, self.normalizer, self.data.in_preferred_modality(split))
+        self.logger.scalars(self.global_step, {f"{split}/{k}": float(metrics[k]) for k in SCALAR_METRICS
+                                               if k in metrics})
         return metrics
 
     def save_checkpoint(self) -> None:
@@ -364,7 +365,8 @@ class Finetuner:
     def finish(self) -> None:
         """Evaluate on the test split (val when there is none; its scalars were logged at the last epoch end)."""
         if self.eval_split == "val":
-            metrics = evaluate(self.model, self.val_loader, self.dev, self.normalizer)
+            metrics = evaluate(self.model, self.val_loader, self.dev, self.normalizer,
+                               self.data.in_preferred_modality("val"))
         else:
             metrics = self.evaluate_split(self.eval_split)
         save_heated(self.run_dir / "model.pt", self.model, self.arch, self.data.num_classes, self.data.in_channels,

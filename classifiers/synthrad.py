@@ -14,6 +14,15 @@ texture is a tempting shortcut that only partly predicts the label, as in RadIma
 The ``unseen`` task uses anatomies and lesion shapes absent from pretraining, with modality
 independent of the class: a downstream task of new concepts.
 
+What a classifier can lean on is known per image, so the shortcut can be measured rather than assumed:
+
+- ``{split}_modality`` names each image's modality, and :func:`preferred_modality` each class's;
+- ``{split}_regions`` maps each pixel to background (0), anatomy (1) or lesion (2), from the same shapes
+  that drew the image (the ultrasound fan may leave part of the anatomy dark);
+- the pretraining task has a fourth split, ``shifted``: test images of the same classes whose modality is
+  independent of the class (every modality with probability 1/3), so in-distribution and modality-shifted
+  accuracy compare directly (``synthrad:shifted`` in ``classifiers.data`` tests on it).
+
 Generation is batched tensor arithmetic: 12,000 images of 64 px take a few seconds on 2 cores.
 Results are cached as ``.npz`` files under a key of every generation parameter, with a checksum;
 a damaged cache file is detected and rebuilt.
@@ -35,7 +44,8 @@ import torch.nn.functional as F
 
 from classifiers.io import atomic_write
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
+"""2: regions and the shifted split (the images of version 1 are unchanged, bit for bit)."""
 MODALITIES = ("ct", "mr", "us")
 
 # Anatomies: painter's-order lists of ellipses (cx, cy, rx, ry, angle, tissue value) in [-1, 1]
@@ -144,6 +154,19 @@ def class_names(task: str) -> list[str]:
     return [f"{a}-{lesion}" for a in spec["anatomies"] for lesion in spec["lesions"]]
 
 
+def preferred_modality(task: str, labels: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Each class's preferred modality index (see :data:`MODALITIES`), for an array of class labels."""
+    n_lesions = len(TASKS[task]["lesions"])
+    labels = np.asarray(labels)
+    return (labels // n_lesions + labels % n_lesions) % len(MODALITIES)
+
+
+SHIFTED_BIAS = 1.0 / len(MODALITIES)
+"""The shifted split's modality bias: the preferred modality no more often than either other one."""
+REGIONS = ("background", "anatomy", "lesion")
+"""The values of a region map, in order."""
+
+
 def _ellipse(u: torch.Tensor, v: torch.Tensor, cx, cy, rx, ry, angle, sharp: float) -> torch.Tensor:
     """Soft-edged ellipse coverage in [0, 1] for per-image parameters (broadcast over (N, 1, 1))."""
     du, dv = u - cx, v - cy
@@ -154,8 +177,10 @@ def _ellipse(u: torch.Tensor, v: torch.Tensor, cx, cy, rx, ry, angle, sharp: flo
     return torch.sigmoid((1.0 - dist) * sharp)
 
 
-def _render_content(anatomy: str, lesions: list[str], size: int, g: torch.Generator) -> torch.Tensor:
-    """Tissue maps in [0, 1] of shape (N, S, S) for one anatomy and each image's lesion kind."""
+def _render_content(anatomy: str, lesions: list[str], size: int, g: torch.Generator
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tissue maps in [0, 1] of shape (N, S, S) for one anatomy and each image's lesion kind, and their region
+    maps (N, S, S) uint8: 0 background, 1 anatomy (inside any of its shapes), 2 lesion."""
     n = len(lesions)
     lin = torch.linspace(-1.0, 1.0, size)
     y, x = torch.meshgrid(lin, lin, indexing="ij")
@@ -173,11 +198,13 @@ def _render_content(anatomy: str, lesions: list[str], size: int, g: torch.Genera
     sharp = size / 3.0
 
     img = torch.zeros(n, size, size)
+    body = torch.zeros(n, size, size)
     prims = _ANATOMIES[anatomy]
     for cx, cy, rx, ry, ang, val in prims:
         jit = rand(0.9, 1.1)
         m = _ellipse(u, v, cx, cy, rx * jit, ry * jit, torch.full_like(jit, ang), sharp)
         img = img * (1 - m) + val * m
+        body = torch.maximum(body, m)
 
     hx, hy, hrx, hry, hang, _ = prims[_HOST[anatomy]]
     # Lesion centre: a random point well inside the host organ.
@@ -207,7 +234,9 @@ def _render_content(anatomy: str, lesions: list[str], size: int, g: torch.Genera
     img = torch.where(kinds == 2, img * (1 - streak) + 0.02 * streak, img)
     img = torch.where(kinds == 3, img * (1 - ring) + 0.98 * ring, img)
     img = torch.where(kinds == 4, img * (1 - cluster) + 0.98 * cluster, img)
-    return img
+    lesion = torch.stack([torch.zeros_like(img), nodule, streak, ring, cluster])[kinds.flatten(), torch.arange(n)]
+    regions = torch.where(lesion > 0.5, 2, torch.where(body > 0.5, 1, 0)).to(torch.uint8)
+    return img, regions
 
 
 def _smooth(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -241,37 +270,41 @@ def _apply_modality(t: torch.Tensor, modality: str, g: torch.Generator) -> torch
     raise ValueError(f"unknown modality {modality!r}; use one of {MODALITIES}")
 
 
-def generate_split(cfg: SynthRadConfig, split: str, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Generate one split: images (N, 1, S, S) uint8, labels (N,) int64, modality index (N,) int64."""
+def generate_split(cfg: SynthRadConfig, split: str, n: int) -> dict[str, np.ndarray]:
+    """Generate one split: ``images`` (N, 1, S, S) uint8, ``labels`` (N,) int64, ``modality`` index (N,) int64
+    and ``regions`` (N, S, S) uint8 (see :data:`REGIONS`). The ``shifted`` split draws modalities independently
+    of the class (bias :data:`SHIFTED_BIAS`)."""
     spec = TASKS[cfg.task]
     n_classes = len(spec["anatomies"]) * len(spec["lesions"])
-    split_id = {"train": 0, "val": 1, "test": 2}[split]
+    split_id = {"train": 0, "val": 1, "test": 2, "shifted": 3}[split]
     task_id = sorted(TASKS).index(cfg.task)
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + task_id * 101 + split_id)
 
     labels = torch.arange(n) % n_classes
     labels = labels[torch.randperm(n, generator=g)]
-    preferred = (labels // len(spec["lesions"]) + labels % len(spec["lesions"])) % len(MODALITIES)
-    bias = cfg.resolved_bias()
+    preferred = torch.from_numpy(preferred_modality(cfg.task, labels.numpy()))
+    bias = SHIFTED_BIAS if split == "shifted" else cfg.resolved_bias()
     use_pref = torch.rand(n, generator=g) < bias
     other = (preferred + 1 + torch.randint(0, len(MODALITIES) - 1, (n,), generator=g)) % len(MODALITIES)
     modality = torch.where(use_pref, preferred, other)
 
     images = torch.empty(n, cfg.image_size, cfg.image_size, dtype=torch.uint8)
+    regions = torch.empty(n, cfg.image_size, cfg.image_size, dtype=torch.uint8)
     chunk = max(1, 2_000_000 // (cfg.image_size * cfg.image_size))
     for a_idx, anatomy in enumerate(spec["anatomies"]):
         idx_a = torch.nonzero(labels // len(spec["lesions"]) == a_idx).flatten()
         for start in range(0, len(idx_a), chunk):
             idx = idx_a[start : start + chunk]
             lesions = [spec["lesions"][int(c) % len(spec["lesions"])] for c in labels[idx]]
-            tissue = _render_content(anatomy, lesions, cfg.image_size, g)
+            tissue, regions[idx] = _render_content(anatomy, lesions, cfg.image_size, g)
             out = torch.empty_like(tissue)
             for m_idx, modality_name in enumerate(MODALITIES):
                 sel = modality[idx] == m_idx
                 if sel.any():
                     out[sel] = _apply_modality(tissue[sel], modality_name, g)
             images[idx] = (out.clamp(0, 1) * 255).round().to(torch.uint8)
-    return images.unsqueeze(1).numpy(), labels.numpy().astype(np.int64), modality.numpy().astype(np.int64)
+    return {"images": images.unsqueeze(1).numpy(), "labels": labels.numpy().astype(np.int64),
+            "modality": modality.numpy().astype(np.int64), "regions": regions.numpy()}
 
 
 def default_cache_dir() -> Path:
@@ -288,7 +321,8 @@ def _checksum(arrays: dict[str, np.ndarray]) -> str:
 
 
 def load_synthrad(cfg: SynthRadConfig, cache_dir: Path | None = None) -> dict[str, np.ndarray]:
-    """Return ``{split}_images``, ``{split}_labels`` and ``{split}_modality`` arrays, from cache or freshly made."""
+    """Return ``{split}_images``, ``{split}_labels``, ``{split}_modality`` and ``{split}_regions`` arrays for the
+    splits ``train``, ``val``, ``test`` (and ``shifted`` for the pretraining task), from cache or freshly made."""
     cfg.validate()
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = cache_dir / f"synthrad-{cfg.task}-{cfg.image_size}px-{cfg.key()}.npz"
@@ -305,9 +339,11 @@ def load_synthrad(cfg: SynthRadConfig, cache_dir: Path | None = None) -> dict[st
         warnings.warn(f"synthrad cache {path} is damaged ({reason}); rebuilding it", stacklevel=2)
 
     arrays: dict[str, np.ndarray] = {}
-    for split, n in (("train", cfg.n_train), ("val", cfg.n_val), ("test", cfg.n_test)):
-        imgs, labels, modality = generate_split(cfg, split, n)
-        arrays.update({f"{split}_images": imgs, f"{split}_labels": labels, f"{split}_modality": modality})
+    splits = [("train", cfg.n_train), ("val", cfg.n_val), ("test", cfg.n_test)]
+    if cfg.task == "pretrain":
+        splits.append(("shifted", cfg.n_test))
+    for split, n in splits:
+        arrays.update({f"{split}_{k}": v for k, v in generate_split(cfg, split, n).items()})
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         checksum = np.array(_checksum(arrays))

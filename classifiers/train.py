@@ -6,7 +6,7 @@ import contextlib
 import ctypes
 import os
 import platform
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -188,11 +188,16 @@ def check_finite(value: torch.Tensor, what: str, step: int) -> None:
 
 
 def supervised_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor,
-                    labels: torch.Tensor, dev: DevicePolicy, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                    labels: torch.Tensor, dev: DevicePolicy, step: int = 0,
+                    loss_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One SGD step on float inputs; returns per-image cross-entropy and logits, both detached, in float32.
 
-    A non-finite loss raises :class:`NonFiniteError` before the weights change; buffers the forward pass
-    updated (BatchNorm running statistics) are restored, so nothing keeps a trace of the bad batch."""
+    ``loss_scale`` (a 0-d tensor; None: 1) multiplies the batch-mean cross-entropy before the backward pass,
+    as the reference code's objective does; it is a constant here (detached), and the returned losses are
+    unscaled. With plain SGD it acts as a larger learning rate (weight decay, applied by the optimiser, is
+    not scaled). A non-finite loss or scale raises :class:`NonFiniteError` before the weights change; buffers
+    the forward pass updated (BatchNorm running statistics) are restored, so nothing keeps a trace of the bad
+    batch."""
     model.train()
     buffers = list(model.buffers())
     saved = [b.clone() for b in buffers]
@@ -200,23 +205,31 @@ def supervised_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: 
         logits = model(inputs)
     per_image = F.cross_entropy(logits.float(), labels, reduction="none")
     loss = per_image.mean()
+    if loss_scale is not None:
+        loss_scale = loss_scale.detach().to(loss.dtype)
     try:
-        check_finite(loss, "classifier loss", step)
+        if loss_scale is None:
+            check_finite(loss, "classifier loss", step)
+        else:  # one check (one device sync) for both; the message shows [loss, scale]
+            check_finite(torch.stack((loss, loss_scale)), "classifier loss and its loss scale", step)
     except NonFiniteError:
         with torch.no_grad():
             for b, s in zip(buffers, saved):
                 b.copy_(s)
         raise
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss if loss_scale is None else loss * loss_scale).backward()
     optimizer.step()
     return per_image.detach(), logits.detach().float()
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: DataLoader, dev: DevicePolicy, normalizer: Normalizer
+def predict(model: nn.Module, loader: DataLoader, dev: DevicePolicy, normalizer: Callable[[torch.Tensor], torch.Tensor]
             ) -> tuple[np.ndarray, np.ndarray, float]:
-    """Class probabilities and labels over a loader of clean images, and the mean cross-entropy.
+    """Class probabilities and labels over a loader, and the mean cross-entropy.
+
+    ``normalizer`` turns each uint8 batch on the device into the model's input: a :class:`Normalizer` for clean
+    images, or a function that also perturbs them (a heated model evaluated on inputs like its training inputs).
 
     Always in float32, whatever ``dev.precision`` the model trains in: reported metrics then depend on the
     weights, not on the hardware (bf16 logits keep 8 significant bits, so near classes can tie and the
@@ -235,7 +248,10 @@ def predict(model: nn.Module, loader: DataLoader, dev: DevicePolicy, normalizer:
     return p, lab, loss_sum / max(1, len(lab))
 
 
-def evaluate(model: nn.Module, loader: DataLoader, dev: DevicePolicy, normalizer: Normalizer) -> dict[str, object]:
-    """The paper's metrics plus ``loss`` on a loader of clean images."""
+def evaluate(model: nn.Module, loader: DataLoader, dev: DevicePolicy,
+             normalizer: Callable[[torch.Tensor], torch.Tensor], in_preferred: np.ndarray | None = None
+             ) -> dict[str, object]:
+    """The paper's metrics plus ``loss`` over a loader (see :func:`predict`), and the shortcut metrics when
+    ``in_preferred`` says, per image in the loader's order, whether it shows its class's preferred modality."""
     probs, labels, loss = predict(model, loader, dev, normalizer)
-    return {"loss": loss, **classification_metrics(labels, probs)}
+    return {"loss": loss, **classification_metrics(labels, probs, in_preferred)}

@@ -186,19 +186,29 @@ class PretrainCore:
         self._start_epoch(self.epoch + 1)
         return self.images
 
-    def step(self, grid: torch.Tensor | None = None,
-             perturb: Callable[[torch.Tensor], torch.Tensor] | None = None) -> StepResult:
-        """Apply ``grid`` (B, G, G) as the noise mask (None: no mask) and/or ``perturb`` to the normalised
-        batch, take one classifier step, and load the next batch."""
-        if self._iter is None:
-            raise RuntimeError("call reset() before step()")
-        x = self.normalizer(self.images)
+    def inputs(self, images: torch.Tensor, grid: torch.Tensor | None = None,
+               perturb: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """The classifier's input for a uint8 batch: normalised, multiplied by the noise mask of ``grid`` (B, G, G)
+        if given, then passed through ``perturb`` if given. What :meth:`step` trains on."""
+        x = self.normalizer(images)
         if grid is not None:
             x = self.mask.apply(x, grid)
-        if perturb is not None:
-            x = perturb(x)
+        return perturb(x) if perturb is not None else x
+
+    def step(self, grid: torch.Tensor | None = None,
+             perturb: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             loss_scale: torch.Tensor | None = None) -> StepResult:
+        """Apply ``grid`` (B, G, G) as the noise mask (None: no mask) and/or ``perturb`` to the normalised
+        batch, take one classifier step, and load the next batch.
+
+        ``loss_scale`` (a 0-d tensor on the device; None: 1) multiplies the classifier's batch-mean
+        cross-entropy before its backward pass, as the reference code does; the returned losses and
+        rewards stay unscaled."""
+        if self._iter is None:
+            raise RuntimeError("call reset() before step()")
+        x = self.inputs(self.images, grid, perturb)
         loss, logits = supervised_step(self.model, self.optimizer, x, self.labels, self.dev,
-                                       step=self.global_step)
+                                       step=self.global_step, loss_scale=loss_scale)
         correct = (logits.argmax(1) == self.labels).float()
         reward = {"classifiable": -loss, "adversarial": loss, "correct": correct}[self.cfg.reward]
         self.global_step += 1

@@ -7,6 +7,8 @@
     python scripts/compare.py --methods none reinforce ppo --pretrain-dataset imagefolder:/data/radimagenet \\
         --targets imagefolder:/data/target imagefolder:/data/target@20 --classifier resnet18
 
+    python scripts/compare.py --methods none --modality-biases 0.3333 0.6 0.8 0.95   # the shortcut against the bias
+
 A target is a dataset specification, with @K for K training images per class. --quick sets a small
 preset; options given beside it override the preset. Rerunning with the same settings reuses finished
 runs and resumes interrupted ones. Writes results.csv, results.md and results.png into --out.
@@ -19,7 +21,7 @@ import sys
 from dataclasses import fields
 
 from agents.registry import algo_names
-from agents.study import Study, StudyConfig
+from agents.study import Study, StudyConfig, bias_sweep
 from classifiers.cli import fail_cleanly
 from classifiers.finetune import SCRATCH
 from classifiers.train import PRECISIONS
@@ -35,6 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pretrain-dataset", help=f"the pretraining task (default: {d.pretrain_dataset})")
     p.add_argument("--targets", nargs="+", help="target tasks, DATASET or DATASET@K (default: the pretraining "
                    f"task, synthrad:unseen and synthrad:unseen@{d.fewshot_k})")
+    p.add_argument("--pretrain-only", action="store_true", help="no fine-tuning: report the heated models alone")
+    p.add_argument("--modality-biases", nargs="+", type=float, help="pretrain on synthrad at each modality_bias "
+                   "(pretraining only) and print the heated models' shortcut gap and shifted accuracy per bias")
     p.add_argument("--fewshot-k", type=int, help=f"K of the default few-shot target (default: {d.fewshot_k})")
     p.add_argument("--out", help=f"output folder (default: {d.out}; with --quick: {StudyConfig.quick().out})")
     p.add_argument("--classifier", help=f"classifier architecture (default: {d.classifier})")
@@ -67,18 +72,25 @@ def config_from_args(a: argparse.Namespace) -> StudyConfig:
         value = getattr(a, f.name, None)
         if value is not None:
             setattr(cfg, f.name, tuple(value) if isinstance(value, list) else value)
+    if a.pretrain_only:
+        cfg.targets = ()
     return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
-    study = Study(config_from_args(parse_args(argv)))
+    args = parse_args(argv)
+    if args.modality_biases:
+        print(bias_sweep(config_from_args(args), tuple(args.modality_biases)))
+        return 0
+    study = Study(config_from_args(args))
     study.run()
     counts = study.counts()
     print()
     print((study.out / "results.md").read_text())
     print("runs: " + "; ".join(f"{stage} " + ", ".join(f"{v} {k}" for k, v in c.items())
                                for stage, c in counts.items()))
-    print(f"results: {study.out / 'results.csv'}, {study.out / 'results.md'}, {study.out / 'results.png'}")
+    files = [study.out / f for f in ("results.csv", "heated.csv", "results.md", "results.png")]
+    print(f"results: {', '.join(str(f) for f in files if f.exists())}")
     print(f"TensorBoard: tensorboard --logdir {study.out}")
     return 0
 

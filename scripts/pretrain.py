@@ -46,9 +46,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--entropy-coef", type=float, default=None, help="entropy bonus weight")
     r.add_argument("--normalize-advantage", action="store_true", default=None, help="normalise advantages")
     r.add_argument("--max-grad-norm", type=float, default=None, help="policy gradient clipping (0: off)")
+    r.add_argument("--scale-classifier-loss", action="store_true", default=None,
+                   help="with the official objective: multiply the classifier's loss by its log-sum-exp factor, "
+                        "as the reference code does (--algo reinforce-official-scaled sets it)")
 
     b = p.add_argument_group("non-learned agents")
     b.add_argument("--noise-std", type=float, default=None, help="gaussian-noise: std on the normalised image")
+    b.add_argument("--loss-scale", type=float, default=None,
+                   help="none-scaled: factor on the classifier's loss (default: log(grid * grid))")
 
     s = p.add_argument_group("ppo and a2c (stable-baselines3)")
     s.add_argument("--n-steps", type=int, default=None, help="rollout length per slot")
@@ -69,8 +74,9 @@ def config_from_args(a: argparse.Namespace) -> PretrainConfig:
                     precision=a.precision,
                     workers=a.workers, sync_bn=a.sync_bn)
     agent = {k: getattr(a, k) for k in ("policy_lr", "objective", "param", "entropy_coef", "normalize_advantage",
-                                         "max_grad_norm", "noise_std", "n_steps", "n_epochs", "sb3_batch_size",
-                                         "ent_coef", "vf_coef", "gamma", "gae_lambda", "clip_range")}
+                                         "max_grad_norm", "scale_classifier_loss", "noise_std", "loss_scale",
+                                         "n_steps", "n_epochs", "sb3_batch_size", "ent_coef", "vf_coef", "gamma",
+                                         "gae_lambda", "clip_range")}
     return PretrainConfig(algo=a.algo, env=env, agent={k: v for k, v in agent.items() if v is not None},
                           epochs=1 if a.epochs is None else a.epochs, max_steps=a.max_steps, run_dir=a.run_dir or "",
                           log_every=a.log_every, image_every=a.image_every, ckpt_every=a.ckpt_every)

@@ -49,7 +49,15 @@ def test_quick_study_at_a_tiny_size_writes_all_three_files(tmp_path: Path, capsy
         assert r["head"] == {"scratch": "new"}.get(r["method"], "replaced" if few else "kept")
 
     md = (out / "results.md").read_text()
-    assert md.count("Paired difference to `none`") == 2 and "n = 2" in md
+    # two targets, then the heated models on clean and on perturbed inputs; the policy's diagnostics
+    assert md.count("Paired difference to `none`") == 4 and "n = 2" in md
+    assert "# The heated models, before fine-tuning" in md and "# What the policy learned" in md
+    heated = read_csv(out / "heated.csv")
+    assert {(r["method"], r["seed"]) for r in heated} == {(m, s) for m in ("none", "reinforce") for s in ("0", "1")}
+    for r in heated:
+        assert 0.0 <= float(r["heated/shifted/accuracy"]) <= 1.0
+        assert (r["diagnostics/kl_uniform"] == "") == (r["method"] == "none")
+    assert "shortcut_gap" in rows[0] and "`shortcut_gap`" in md
     precision = json.loads((out / "study.json").read_text())["config"]["precision"]
     assert precision in ("bf16", "fp32") and f"classifiers trained in {precision}, evaluated in fp32" in md
     for line in ("| none | 2 |", "| reinforce | 2 |", "| scratch | 2 |"):
@@ -126,3 +134,23 @@ def test_targets_and_methods_are_checked() -> None:
         parse_target("synthrad@ten")
     with pytest.raises(ValueError, match="unknown method 'dqn'"):
         StudyConfig(methods=("none", "dqn")).validate()
+
+
+def test_bias_sweep_prints_the_heated_shortcut_per_bias(tmp_path: Path, capsys) -> None:
+    """--modality-biases pretrains at each bias (no fine-tuning) and prints one row per bias and method."""
+    argv = ["--methods", "none", "--modality-biases", "0.3333", "0.95", "--seeds", "0", "1", "--pretrain-dataset",
+            PRETRAIN, "--out", str(tmp_path / "sweep"), *TINY]
+    assert compare.main(argv) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 0.")]
+    assert [line.split(" | ")[:3] for line in table] == [["| 0.333", "none", "2"], ["| 0.95", "none", "2"]]
+    for bias, folder in (("0.3333", "bias-0.3333"), ("0.95", "bias-0.95")):
+        saved = next((tmp_path / "sweep" / folder / "pretrain").glob("none__s0__*/config.json"))
+        config = json.loads(saved.read_text())
+        assert f"modality_bias={bias}" in config["env"]["dataset"]
+        assert not (tmp_path / "sweep" / folder / "finetune").exists()
+        assert (tmp_path / "sweep" / folder / "heated.csv").is_file()
+
+
+def test_pretraining_only_study_refuses_scratch() -> None:
+    with pytest.raises(ValueError, match="scratch trains on a target"):
+        StudyConfig(methods=("none", "scratch"), targets=()).validate()

@@ -26,8 +26,8 @@ COMMON_SCALARS = {"train/loss", "train/accuracy", "train/lr", "train/epoch", "re
 MASK_SCALARS = {"mask/mean", "mask/std"}
 POLICY_SCALARS = {"policy/loss", "policy/entropy", "policy/advantage_std", "policy/grad_norm", "policy/baseline",
                   "policy/alpha_mean", "policy/beta_mean", "policy/beta_mean_value", "policy/lr"}
-MASKING = {"uniform-mask", "reinforce", "reinforce-official"}
-LEARNING = {"reinforce", "reinforce-official"}
+MASKING = {"uniform-mask", "reinforce", "reinforce-official", "reinforce-official-scaled"}
+LEARNING = {"reinforce", "reinforce-official", "reinforce-official-scaled"}
 
 
 @pytest.fixture(scope="module")
@@ -120,10 +120,10 @@ def test_tensorboard_holds_scalars_images_histograms_and_hyperparameters(script,
 
     for tag in ("images/mask", "images/masked"):
         grids = acc.Images(tag)
-        assert [e.step for e in grids] == [2, 4], tag
+        assert [e.step for e in grids] == [1, 2, 4], tag  # the first step, every --image-every, the last
         assert grids[0].width > 32 and grids[0].height >= 32 and grids[0].encoded_image_string[:4] == b"\x89PNG"
     hist = acc.Histograms("mask/values")
-    assert [e.step for e in hist] == [2, 4]
+    assert [e.step for e in hist] == [1, 2, 4]
     assert hist[0].histogram_value.num == 16 * 8 * 8  # every cell of the batch's grids
     assert 0.0 <= hist[0].histogram_value.min and hist[0].histogram_value.max <= 1.0
 

@@ -4,6 +4,7 @@ and a task where the best mask is known."""
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from torch import nn
 from torch.distributions import Beta
 
 import agents.reinforce as reinforce_module
+from agents.diagnostics import Probe, policy_diagnostics
 from agents.policy import mask_log_prob, sample_mask
 from agents.reinforce import Reinforce, official_loss, reinforce_loss
 from classifiers.data import DataSpec, ImageSource
@@ -249,9 +251,10 @@ class MeanSign(nn.Module):
         return torch.stack([s, -s], 1)
 
 
-def learn_sign(seed: int, steps: int = 600, **agent_options) -> tuple[torch.Tensor, torch.Tensor]:
+def learn_sign(seed: int, steps: int = 600, diagnose: bool = False, **agent_options) -> tuple[Any, Any]:
     """REINFORCE on the sign task with the fixed classifier; return the policy's mean mask value per cell on
-    held-out images, (G, G), before and after training."""
+    held-out images, (G, G), before and after training (with ``diagnose``: the policy diagnostics of
+    ``agents.diagnostics`` on those images instead)."""
     torch.manual_seed(seed)
     data = DataSpec("sign", ["above", "below"], 1, SIZE, {"train": sign_split(512, 1), "val": sign_split(64, 2)})
     cfg = EnvConfig(dataset="sign", classifier="smallcnn", batch_size=32, image_size=SIZE, grid=GRID,
@@ -265,10 +268,12 @@ def learn_sign(seed: int, steps: int = 600, **agent_options) -> tuple[torch.Tens
     agent.bind(core, steps)
     held_out = data.splits["val"].images
 
-    def mean_mask() -> torch.Tensor:
-        with torch.no_grad():
-            alpha, beta = agent.policy(held_out)
-        return (alpha / (alpha + beta)).mean(0)
+    probe = Probe(held_out, torch.from_numpy(data.splits["val"].labels), None, 2)
+    initial = agent.mask_distribution(held_out)
+
+    def mean_mask() -> Any:
+        dist = agent.mask_distribution(held_out)
+        return policy_diagnostics(dist, probe, core.mask, initial) if diagnose else dist.mean.mean(0)
 
     start = mean_mask()
     for _ in range(steps):

@@ -1,0 +1,117 @@
+"""What a mask policy learned, read off a fixed probe batch: learning told apart from drift.
+
+A policy's concentrations can move without learning anything: in the paper's ``exp`` parameterisation the
+moving-average base follows the head's batch mean, so a head that outputs about 0 pulls every cell toward
+Beta(1, 1) whatever the reward. The statistics below separate the two. They are computed on the same
+held-out, unaugmented images (the *probe*: the first ``size`` validation images) at every logging step, from
+the policy's per-cell Beta without sampling, so they are deterministic functions of the policy's weights.
+
+With ``mu[i, c] = alpha / (alpha + beta)``, the mean mask value of image ``i``'s cell ``c``:
+
+- ``kl_uniform``: mean over images and cells of KL(policy || Beta(1, 1)); 0 for the uniform mask.
+- ``kl_initial``: mean over images and cells of KL(policy || the same policy at step 0). Drift and learning
+  both raise it; read it beside the rest.
+- ``mask_mean``: mean of ``mu``: how much of the image the mask keeps on average.
+- ``image_spread``: the spread across images of each cell's ``mu`` (standard deviation over images, mean over
+  cells): 0 for a policy that ignores the image, which drift alone leaves at exactly 0 when the head ignores
+  the image.
+- ``cell_spread``: the spread across cells of the image-averaged ``mu`` (a fixed spatial pattern).
+- Where the data knows each pixel's region (synthrad: background, anatomy, lesion), the *expected* mask
+  (the blurred upsampled ``mu``: masks are linear in the grid) averaged over each region's pixels,
+  ``mask_on_background``, ``mask_on_anatomy``, ``mask_on_lesion``; ``content_gap``, its mean on anatomy and
+  lesion pixels minus its mean on the background (negative: the content is dimmed more than the background);
+  ``content_gap_mean_mask``, the same for the image-averaged mask laid on every image (what a fixed pattern,
+  such as a dark centre, explains); and ``content_gap_image_specific``, the difference: the part of the gap
+  that only a mask following each image's content gives.
+
+The runner also logs :func:`mean_mask_per_class`, the expected mask averaged over each class's probe images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.distributions import Beta, kl_divergence
+
+from classifiers.data import DataSpec
+from envs.masks import NoiseMask
+
+PROBE_SIZE = 64
+"""Validation images in the probe batch: enough for every class of a 12-class task a few times."""
+
+
+@dataclass
+class Probe:
+    """The fixed, unaugmented images the diagnostics are computed on."""
+
+    images: torch.Tensor
+    """uint8 (P, C, H, W) on the device."""
+    labels: torch.Tensor
+    """(P,) int64 on the device."""
+    regions: torch.Tensor | None
+    """(P, H, W) uint8 on the device (0 background, 1 anatomy, 2 lesion), where the data knows them."""
+    num_classes: int
+
+
+def make_probe(data: DataSpec, device: torch.device, size: int = PROBE_SIZE, split: str = "val") -> Probe | None:
+    """The first ``size`` images of ``split`` when they are held in memory (None for file-backed data)."""
+    source = data.splits[split]
+    if source.images is None or source.images.shape[-1] != data.image_size:
+        return None
+    n = min(size, len(source))
+    regions = source.regions[:n].to(device) if source.regions is not None else None
+    return Probe(source.images[:n].to(device), torch.as_tensor(source.labels[:n], device=device), regions,
+                 data.num_classes)
+
+
+def _region_mean(masks: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """Mean of ``masks`` (P, H, W) over the pixels where ``where`` is true, pooled over images (NaN if none)."""
+    return (masks * where).sum() / where.sum()
+
+
+def policy_diagnostics(dist: Beta, probe: Probe, mask: NoiseMask, initial: Beta | None = None
+                       ) -> dict[str, torch.Tensor]:
+    """The statistics of the module docstring for a policy's Beta on the probe images, as 0-d tensors.
+
+    Args:
+        dist: per-cell Beta with batch shape (P, G, G) for ``probe.images``.
+        probe: the probe batch.
+        mask: the environment's grid-to-mask operator (for the expected masks).
+        initial: the policy's Beta on the same images at step 0 (None: ``kl_initial`` is left out).
+    """
+    alpha, beta = dist.concentration1.float(), dist.concentration0.float()
+    current = Beta(alpha, beta)
+    mu = current.mean
+    out = {
+        "diagnostics/kl_uniform": kl_divergence(current, Beta(torch.ones_like(alpha), torch.ones_like(beta))).mean(),
+        "diagnostics/mask_mean": mu.mean(),
+        "diagnostics/image_spread": mu.std(0, correction=0).mean(),
+        "diagnostics/cell_spread": mu.mean(0).std(correction=0),
+    }
+    if initial is not None:
+        start = Beta(initial.concentration1.float(), initial.concentration0.float())
+        out["diagnostics/kl_initial"] = kl_divergence(current, start).mean()
+    if probe.regions is not None:
+        expected = mask(mu)[:, 0]
+        content, background = probe.regions > 0, probe.regions == 0
+        out |= {
+            "diagnostics/mask_on_background": _region_mean(expected, background),
+            "diagnostics/mask_on_anatomy": _region_mean(expected, probe.regions == 1),
+            "diagnostics/mask_on_lesion": _region_mean(expected, probe.regions == 2),
+        }
+        gap = _region_mean(expected, content) - out["diagnostics/mask_on_background"]
+        fixed = expected.mean(0, keepdim=True)
+        gap_fixed = _region_mean(fixed, content) - _region_mean(fixed, background)
+        out |= {"diagnostics/content_gap": gap, "diagnostics/content_gap_mean_mask": gap_fixed,
+                "diagnostics/content_gap_image_specific": gap - gap_fixed}
+    return out
+
+
+def mean_mask_per_class(dist: Beta, probe: Probe, mask: NoiseMask) -> torch.Tensor:
+    """The expected mask averaged over each class's probe images, (K, 1, H, W); zeros for a class with none."""
+    expected = mask(dist.mean.float())
+    out = expected.new_zeros(probe.num_classes, *expected.shape[1:])
+    counts = torch.bincount(probe.labels, minlength=probe.num_classes).clamp_min(1).to(expected.dtype)
+    out.index_add_(0, probe.labels, expected)
+    return out / counts.view(-1, 1, 1, 1)
