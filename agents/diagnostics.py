@@ -3,7 +3,7 @@
 A policy's concentrations can move without learning anything: in the paper's ``exp`` parameterisation the
 moving-average base follows the head's batch mean, so a head that outputs about 0 pulls every cell toward
 Beta(1, 1) whatever the reward. The statistics below separate the two. They are computed on the same
-held-out, unaugmented images (the *probe*: the first ``size`` validation images) at every logging step, from
+held-out, unaugmented images (the *probe*: the first ``PROBE_SIZE`` validation images) at every logging step, from
 the policy's per-cell Beta without sampling, so they are deterministic functions of the policy's weights.
 
 With ``mu[i, c] = alpha / (alpha + beta)``, the mean mask value of image ``i``'s cell ``c``:
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch.distributions import Beta, kl_divergence
 
-from classifiers.data import DataSpec
+from classifiers.data import DataSpec, ImageDataset
 from envs.masks import NoiseMask
 
 PROBE_SIZE = 64
@@ -54,15 +54,18 @@ class Probe:
     num_classes: int
 
 
-def make_probe(data: DataSpec, device: torch.device, size: int = PROBE_SIZE, split: str = "val") -> Probe | None:
-    """The first ``size`` images of ``split`` when they are held in memory (None for file-backed data)."""
+def make_probe(data: DataSpec, device: torch.device, size: int = PROBE_SIZE, split: str = "val") -> Probe:
+    """The first ``size`` images of ``split``, as evaluation sees them (read from their files and resized where the
+    data is a folder), with their region maps where the data has them at this size."""
     source = data.splits[split]
-    if source.images is None or source.images.shape[-1] != data.image_size:
-        return None
     n = min(size, len(source))
-    regions = source.regions[:n].to(device) if source.regions is not None else None
-    return Probe(source.images[:n].to(device), torch.as_tensor(source.labels[:n], device=device), regions,
-                 data.num_classes)
+    dataset = ImageDataset(source, data.image_size, data.in_channels, train=False)
+    images = torch.stack([dataset[i][0] for i in range(n)])
+    regions = source.regions[:n] if source.regions is not None else None
+    if regions is not None and regions.shape[-2:] != images.shape[-2:]:
+        regions = None
+    return Probe(images.to(device), torch.as_tensor(source.labels[:n], device=device),
+                 regions.to(device) if regions is not None else None, data.num_classes)
 
 
 def _region_mean(masks: torch.Tensor, where: torch.Tensor) -> torch.Tensor:

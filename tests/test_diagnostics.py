@@ -125,3 +125,14 @@ def test_drift_is_told_apart_from_learning() -> None:
     start, end = learned
     assert end["diagnostics/kl_uniform"] > 10 * start["diagnostics/kl_uniform"]
     assert end["diagnostics/cell_spread"] > 0.2 > 10 * start["diagnostics/cell_spread"]
+
+
+def test_the_probe_of_an_image_folder_is_read_and_resized(make_imagefolder) -> None:
+    """Folders of files of another size: the probe holds the validation images as evaluation sees them, and no
+    region maps, so the diagnostics leave the content statistics out."""
+    root = make_imagefolder(classes=("a", "b"), per_class=5, size=(40, 24))
+    data = load_dataset(f"imagefolder:{root}", image_size=16)
+    probe = make_probe(data, torch.device("cpu"))
+    assert probe.images.shape == (10, 1, 16, 16) and probe.regions is None and probe.num_classes == 2
+    d = policy_diagnostics(fixed(2.0, 1.0, 10), probe, NoiseMask(16, G, 3, 1.0))
+    assert "diagnostics/kl_uniform" in d and not any("content" in k or "mask_on" in k for k in d)

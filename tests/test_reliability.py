@@ -92,14 +92,16 @@ def test_damaged_checkpoint_falls_back_to_previous(tmp_path: Path) -> None:
     assert state["core"]["global_step"] == 12
 
 
-def _nan_after(calls: int, fn):
-    """Wrap ``fn`` so that from its ``calls``-th call on its output is NaN."""
+def _nan_after(calls: int, fn, counts=lambda: True):
+    """Wrap ``fn`` so that from its ``calls``-th call on its output is NaN; only calls while ``counts()`` is true are
+    counted (and poisoned)."""
     count = [0]
 
     def wrapped(*args, **kwargs):
-        count[0] += 1
+        counted = counts()
+        count[0] += counted
         out = fn(*args, **kwargs)
-        return out * float("nan") if count[0] >= calls else out
+        return out * float("nan") if counted and count[0] >= calls else out
 
     return wrapped
 
@@ -112,7 +114,9 @@ def test_non_finite_value_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, 
     from envs.core import EnvConfig, PretrainCore
 
     if where == "concentration":
-        monkeypatch.setattr(BetaMaskPolicy, "head_output", _nan_after(6, BetaMaskPolicy.head_output))
+        # the policy's training passes only: the runner's diagnostics read it without gradient as well
+        monkeypatch.setattr(BetaMaskPolicy, "head_output", _nan_after(6, BetaMaskPolicy.head_output,
+                                                                      counts=torch.is_grad_enabled))
     elif where == "loss":
         import envs.core
 
