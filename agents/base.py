@@ -25,6 +25,8 @@ class Action:
     """Noise-mask grid (B, G, G) with values in [0, 1]."""
     perturb: Callable[[torch.Tensor], torch.Tensor] | None = None
     """Applied to the normalised (and masked) batch."""
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """Applied to the uint8 batch (B, C, H, W) before it is normalised (image augmentations)."""
     loss_scale: torch.Tensor | None = None
     """A 0-d tensor on the device that multiplies the classifier's batch-mean cross-entropy (None: 1)."""
 
@@ -90,6 +92,7 @@ class Agent:
             if core.exhausted:
                 core.reset()
             action = self.act(core.images)
-            result = core.step(grid=action.grid, perturb=action.perturb, loss_scale=action.loss_scale)
+            result = core.step(grid=action.grid, perturb=action.perturb, loss_scale=action.loss_scale,
+                               augment=action.augment)
             scalars = self.observe(result)
             runner.after_step(result, scalars, action.grid)

@@ -1,11 +1,13 @@
 """Non-learned agents: plain training (also at a scaled loss), a fixed Beta(1, 1) blurred mask, additive
-Gaussian noise."""
+Gaussian noise, and the augmentations a practitioner would reach for instead of a learned mask (torchvision's
+``RandomErasing`` and ``TrivialAugmentWide``)."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+from torchvision.transforms import v2
 
 from agents.base import Action, Agent
 from envs.core import PretrainCore, StepResult
@@ -94,3 +96,46 @@ class GaussianNoise(Agent):
 
     def act(self, images: torch.Tensor) -> Action:
         return Action(perturb=lambda x: x + self.std * torch.randn_like(x))
+
+
+class Augmentation(Agent):
+    """A torchvision augmentation drawn independently for every image of the batch (a v2 transform given a batch
+    would draw one set of parameters for all of it). Subclasses build ``self.transform``."""
+
+    transform: v2.Transform
+    on_uint8 = True
+    """Applied to the uint8 images before normalisation (False: to the normalised batch)."""
+
+    def _each(self, batch: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.transform(image) for image in batch])
+
+    def act(self, images: torch.Tensor) -> Action:
+        return Action(augment=self._each) if self.on_uint8 else Action(perturb=self._each)
+
+
+class RandomErasing(Augmentation):
+    """torchvision's ``RandomErasing`` on the normalised image (erased rectangles become 0, the dataset mean): occlusion
+    without learning, the closest non-learned cousin of a noise mask.
+
+    Args:
+        erase_p: probability that an image gets a rectangle erased (torchvision's default 0.5).
+        erase_scale: range of the rectangle's share of the image area (torchvision's default (0.02, 0.33)).
+    """
+
+    name = "random-erasing"
+    on_uint8 = False
+
+    def __init__(self, erase_p: float = 0.5, erase_scale: tuple[float, float] = (0.02, 0.33)) -> None:
+        if not 0.0 <= erase_p <= 1.0:
+            raise ValueError(f"erase_p {erase_p} must lie in [0, 1]")
+        self.transform = v2.RandomErasing(p=erase_p, scale=tuple(erase_scale), value=0.0)
+
+
+class TrivialAugment(Augmentation):
+    """torchvision's ``TrivialAugmentWide`` on the uint8 image: one random photometric or geometric operation of random
+    strength per image (Müller and Hutter, 2021), the tuning-free augmentation a practitioner reaches for."""
+
+    name = "trivial-augment"
+
+    def __init__(self) -> None:
+        self.transform = v2.TrivialAugmentWide()

@@ -29,6 +29,7 @@ The runner also logs :func:`mean_mask_per_class`, the expected mask averaged ove
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -73,8 +74,11 @@ def _region_mean(masks: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
     return (masks * where).sum() / where.sum()
 
 
-def policy_diagnostics(dist: Beta, probe: Probe, mask: NoiseMask, initial: Beta | None = None
-                       ) -> dict[str, torch.Tensor]:
+GridMap = Callable[[torch.Tensor], torch.Tensor]
+
+
+def policy_diagnostics(dist: Beta, probe: Probe, mask: NoiseMask, initial: Beta | None = None,
+                       applied: GridMap | None = None) -> dict[str, torch.Tensor]:
     """The statistics of the module docstring for a policy's Beta on the probe images, as 0-d tensors.
 
     Args:
@@ -82,6 +86,9 @@ def policy_diagnostics(dist: Beta, probe: Probe, mask: NoiseMask, initial: Beta 
         probe: the probe batch.
         mask: the environment's grid-to-mask operator (for the expected masks).
         initial: the policy's Beta on the same images at step 0 (None: ``kl_initial`` is left out).
+        applied: what the environment does to a grid before applying it (its mask budget), used on the mean grid for
+            the expected masks (None: nothing). Held at a budget, the mask is no longer linear in the grid, so the
+            expected mask is then that of the mean grid, an approximation.
     """
     alpha, beta = dist.concentration1.float(), dist.concentration0.float()
     current = Beta(alpha, beta)
@@ -96,7 +103,7 @@ def policy_diagnostics(dist: Beta, probe: Probe, mask: NoiseMask, initial: Beta 
         start = Beta(initial.concentration1.float(), initial.concentration0.float())
         out["diagnostics/kl_initial"] = kl_divergence(current, start).mean()
     if probe.regions is not None:
-        expected = mask(mu)[:, 0]
+        expected = mask(applied(mu) if applied is not None else mu)[:, 0]
         content, background = probe.regions > 0, probe.regions == 0
         out |= {
             "diagnostics/mask_on_background": _region_mean(expected, background),
@@ -111,9 +118,11 @@ def policy_diagnostics(dist: Beta, probe: Probe, mask: NoiseMask, initial: Beta 
     return out
 
 
-def mean_mask_per_class(dist: Beta, probe: Probe, mask: NoiseMask) -> torch.Tensor:
-    """The expected mask averaged over each class's probe images, (K, 1, H, W); zeros for a class with none."""
-    expected = mask(dist.mean.float())
+def mean_mask_per_class(dist: Beta, probe: Probe, mask: NoiseMask, applied: GridMap | None = None) -> torch.Tensor:
+    """The expected mask averaged over each class's probe images, (K, 1, H, W); zeros for a class with none
+    (``applied`` as in :func:`policy_diagnostics`)."""
+    mu = dist.mean.float()
+    expected = mask(applied(mu) if applied is not None else mu)
     out = expected.new_zeros(probe.num_classes, *expected.shape[1:])
     counts = torch.bincount(probe.labels, minlength=probe.num_classes).clamp_min(1).to(expected.dtype)
     out.index_add_(0, probe.labels, expected)

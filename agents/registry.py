@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from agents.base import Agent
-from agents.baselines import GaussianNoise, NoMask, ScaledNoMask, UniformMask
+from agents.baselines import GaussianNoise, NoMask, RandomErasing, ScaledNoMask, TrivialAugment, UniformMask
 from agents.reinforce import Reinforce, ReinforceConfig
+from envs.core import EnvConfig
 
 
 @dataclass(frozen=True)
@@ -21,17 +22,40 @@ class AgentEntry:
     description: str
     fixed: tuple[tuple[str, Any], ...] = ()
     """Keyword arguments this name always sets."""
+    env: tuple[tuple[str, Any], ...] = ()
+    """Environment settings (``EnvConfig`` fields) this name uses where the configuration keeps the field's default."""
+    defaults: tuple[tuple[str, Any], ...] = ()
+    """Keyword arguments this name passes unless the options give them."""
 
 
 AGENTS: dict[str, AgentEntry] = {}
 
 
 def register(name: str, factory: Callable[..., Agent], options: tuple[str, ...], description: str,
-             **fixed: Any) -> None:
-    """Make ``name`` selectable with ``--algo``; ``fixed`` keyword arguments are always passed."""
-    AGENTS[name] = AgentEntry(factory, options, description, tuple(fixed.items()))
+             env: dict[str, Any] | None = None, defaults: dict[str, Any] | None = None, **fixed: Any) -> None:
+    """Make ``name`` selectable with ``--algo``; ``fixed`` keyword arguments are always passed, ``defaults`` unless the
+    options give them, and ``env`` settings replace the environment's defaults (see :func:`environment_for`)."""
+    AGENTS[name] = AgentEntry(factory, options, description, tuple(fixed.items()), tuple((env or {}).items()),
+                              tuple((defaults or {}).items()))
 
 
+def options_for(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with the defaults the algo ``name`` registers filled in (so a run's ``config.json`` shows them)."""
+    defaults = dict(AGENTS[name].defaults) if name in AGENTS else {}
+    return {**defaults, **{k: v for k, v in options.items() if v is not None}}
+
+
+def environment_for(name: str, env: EnvConfig) -> EnvConfig:
+    """``env`` with the settings the algo ``name`` registers, where ``env`` keeps ``EnvConfig``'s default for them
+    (a value the user chose stays; a run records the result in its ``config.json``)."""
+    default = EnvConfig()
+    settings = {k: v for k, v in AGENTS[name].env if getattr(env, k) == getattr(default, k)} if name in AGENTS else {}
+    return dataclasses.replace(env, **settings)
+
+
+BUDGETED_ENV = {"reward": "adversarial", "mask_budget": 0.5}
+"""The budgeted objective's environment: each image's mask held at a mean of 0.5 (Beta(1, 1)'s), the policy rewarded
+for what it hides from the classifier (see docs/method.md)."""
 _REINFORCE_OPTIONS = tuple(f.name for f in dataclasses.fields(ReinforceConfig))
 register("none", NoMask, (), "plain training, no mask")
 register("none-scaled", ScaledNoMask, ("loss_scale",),
@@ -39,6 +63,9 @@ register("none-scaled", ScaledNoMask, ("loss_scale",),
          "reinforce-official-scaled's larger step")
 register("uniform-mask", UniformMask, ("alpha", "beta"), "fixed Beta(1, 1) blurred mask (non-learned)")
 register("gaussian-noise", GaussianNoise, ("noise_std",), "additive Gaussian noise on the normalised image")
+register("random-erasing", RandomErasing, ("erase_p", "erase_scale"),
+         "torchvision's RandomErasing per image (occlusion without learning)")
+register("trivial-augment", TrivialAugment, (), "torchvision's TrivialAugmentWide per image")
 register("reinforce", Reinforce, _REINFORCE_OPTIONS, "our REINFORCE with a Beta mask policy")
 register("reinforce-official", Reinforce,
          tuple(o for o in _REINFORCE_OPTIONS if o != "objective"),
@@ -48,6 +75,9 @@ register("reinforce-official-scaled", Reinforce,
          tuple(o for o in _REINFORCE_OPTIONS if o not in ("objective", "scale_classifier_loss")),
          "the reference recipe whole: its policy objective, and the classifier's loss times its log-sum-exp "
          "factor (about 8.5 at G = 64)", objective="official", scale_classifier_loss=True)
+register("reinforce-budget", Reinforce, _REINFORCE_OPTIONS,
+         "our REINFORCE deciding where the noise goes: each mask held at a budget (mean 0.5), rewarded by the "
+         "classifier's cross-entropy (adversarial)", env=BUDGETED_ENV, defaults={"param": "softplus"})
 for _module in ("agents.sb3",):
     try:
         importlib.import_module(_module)
@@ -65,5 +95,5 @@ def make_agent(name: str, options: dict[str, Any] | None = None) -> Agent:
     if name not in AGENTS:
         raise ValueError(f"unknown algo {name!r}; use one of {', '.join(algo_names())}")
     entry = AGENTS[name]
-    kwargs = {k: v for k, v in (options or {}).items() if k in entry.options and v is not None}
+    kwargs = {k: v for k, v in options_for(name, options or {}).items() if k in entry.options}
     return entry.factory(**kwargs, **dict(entry.fixed))

@@ -41,11 +41,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from agents.base import Action, Agent
 from agents.policy import PARAMS, BetaMaskPolicy, beta_distribution, mask_log_prob, sample_mask
-from classifiers.distributed import all_mean, is_distributed
+from classifiers.distributed import all_mean, is_distributed, world_size
 from classifiers.train import check_finite
 from envs.core import PretrainCore, StepResult
 
 OBJECTIVES = ("reinforce", "official")
+BASELINES = ("moving", "batch")
 
 
 @dataclass
@@ -60,6 +61,10 @@ class ReinforceConfig:
     """Policy SGD learning rate (None: the classifier's lr / 10)."""
     momentum: float = 0.9
     """Policy SGD momentum."""
+    baseline: str = "moving"
+    """``moving``: a moving average of the batch-mean reward (``baseline_momentum``); ``batch``: for each image, the
+    mean reward of the *other* images of the (global) batch (leave-one-out: unbiased, and free of the lag a moving
+    average has when the reward drifts as the classifier learns)."""
     baseline_momentum: float = 0.9
     """Weight of the old value in the moving-average reward baseline."""
     normalize_advantage: bool = False
@@ -87,6 +92,8 @@ class ReinforceConfig:
             raise ValueError(f"unknown policy parameterisation {self.param!r}; use one of {', '.join(PARAMS)}")
         if self.policy_lr is not None and not self.policy_lr > 0:
             raise ValueError(f"policy learning rate {self.policy_lr} must be positive")
+        if self.baseline not in BASELINES:
+            raise ValueError(f"unknown baseline {self.baseline!r}; use one of {', '.join(BASELINES)}")
         if not 0 <= self.baseline_momentum < 1:
             raise ValueError(f"baseline momentum {self.baseline_momentum} must lie in [0, 1)")
         if self.entropy_coef < 0 or self.max_grad_norm < 0:
@@ -177,7 +184,11 @@ class Reinforce(Agent):
             if not self.baseline_ready:
                 self.baseline.copy_(mean_reward)
                 self.baseline_ready = True
-            adv = reward - self.baseline
+            if cfg.baseline == "batch":
+                n = reward.numel() * world_size()
+                adv = (reward - mean_reward) * n / max(1, n - 1)  # r_i - mean of the other n - 1 rewards
+            else:
+                adv = reward - self.baseline
             if cfg.normalize_advantage:
                 centred = adv - all_mean(adv.mean())
                 adv = adv / (all_mean((centred**2).mean()).sqrt() + 1e-8)

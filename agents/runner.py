@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from agents.base import Agent
 from agents.diagnostics import make_probe, mean_mask_per_class, policy_diagnostics
-from agents.registry import make_agent
+from agents.registry import environment_for, make_agent, options_for
 from classifiers.checkpoint import (
     decorrelate_ranks,
     open_run,
@@ -111,6 +111,7 @@ class PretrainRunner:
         """
         cfg.validate()
         make_agent(cfg.algo, cfg.agent)  # an unknown algo or a bad agent option fails before anything is written
+        cfg = dataclasses.replace(cfg, env=environment_for(cfg.algo, cfg.env), agent=options_for(cfg.algo, cfg.agent))
         self.cfg = cfg
         init_from_env(cfg.env.device)
         self.main = is_main()
@@ -178,7 +179,7 @@ class PretrainRunner:
         if self.initial_policy is not None:
             device = self.core.dev.device
             initial = Beta(self.initial_policy[0].to(device), self.initial_policy[1].to(device))
-        return policy_diagnostics(dist, self.probe, self.core.mask, initial)
+        return policy_diagnostics(dist, self.probe, self.core.mask, initial, self.core.applied_grid)
 
     def done(self) -> bool:
         return self.core.global_step >= self.total_steps
@@ -186,6 +187,7 @@ class PretrainRunner:
     def after_step(self, result: StepResult, scalars: dict[str, Any], grid: torch.Tensor | None) -> None:
         """Called after every classifier step: accumulate, log, evaluate at epoch end, checkpoint."""
         step = self.core.global_step
+        grid = result.grid  # as applied, after any mask budget
         values = {"train/loss": result.loss.mean(), "train/accuracy": result.correct.mean(),
                   "reward/mean": result.reward.mean(), "reward/std": result.reward.std(correction=0), **scalars}
         if grid is not None:
@@ -241,7 +243,7 @@ class PretrainRunner:
         self.logger.histogram(step, "mask/values", grid)
         dist = self.agent.mask_distribution(self.probe.images) if self.probe is not None else None
         if dist is not None:
-            per_class = mean_mask_per_class(dist, self.probe, self.core.mask)
+            per_class = mean_mask_per_class(dist, self.probe, self.core.mask, self.core.applied_grid)
             self.logger.images(step, "images/mean_mask_per_class", per_class, nrow=min(6, len(per_class)))
 
     def _evaluate(self, step: int) -> None:
@@ -269,7 +271,7 @@ class PretrainRunner:
 
         def inputs(images: torch.Tensor) -> torch.Tensor:
             action = self.agent.evaluation_action(images)
-            return core.inputs(images, action.grid, action.perturb)
+            return core.inputs(images, action.grid, action.perturb, action.augment)
 
         devices = [core.dev.device] if core.dev.cuda else []
         with torch.random.fork_rng(devices=devices):
@@ -281,7 +283,7 @@ class PretrainRunner:
         step = self.core.global_step
         with torch.random.fork_rng(devices=[self.core.dev.device] if self.core.dev.cuda else []):
             action = self.agent.evaluation_action(self.probe.images if self.probe else self.core.images)
-        perturbs = action.grid is not None or action.perturb is not None
+        perturbs = any(x is not None for x in (action.grid, action.perturb, action.augment))
         figures: dict[str, float] = {}
         for split in self.heated_splits():
             clean = self.evaluate_heated(split, perturbed=False)

@@ -20,9 +20,10 @@ from classifiers.data import DataSpec, load_dataset, make_loader
 from classifiers.distributed import average_buffers
 from classifiers.models import ARCHITECTURES, build_classifier
 from classifiers.train import DevicePolicy, Normalizer, check_precision, resolve_device, supervised_step
-from envs.masks import NoiseMask
+from envs.masks import NoiseMask, hold_mean
 
 REWARDS = ("classifiable", "adversarial", "correct")
+Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -53,6 +54,9 @@ class EnvConfig:
     """StepLR period in epochs (the paper: 30, factor 0.1)."""
     reward: str = "classifiable"
     """``classifiable``: -CE per image (the paper's sign); ``adversarial``: +CE; ``correct``: 1 when right."""
+    mask_budget: float | None = None
+    """Hold each image's mean grid value at this budget in (0, 1) (``envs.masks.hold_mean``), so a policy chooses where
+    the noise goes, not how much; None: grids are applied as given."""
     max_steps: int | None = None
     """Truncate each episode after this many steps (None: one pass over the training set)."""
     seed: int = 0
@@ -79,6 +83,9 @@ class EnvConfig:
             raise ValueError(f"learning rate {self.lr} must be a positive number (the paper uses 0.1)")
         if self.reward not in REWARDS:
             raise ValueError(f"unknown reward {self.reward!r}; use one of {', '.join(REWARDS)}")
+        if self.mask_budget is not None and not 0.0 < self.mask_budget < 1.0:
+            raise ValueError(f"mask budget {self.mask_budget} must lie strictly between 0 and 1 (the mean mask value "
+                             "each image keeps; 0.5 is what Beta(1, 1) masks give on average)")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps {self.max_steps} must be at least 1 (or None)")
         if self.workers < 0:
@@ -102,6 +109,8 @@ class StepResult:
     """Per-image correctness of that forward pass, shape (B,), float."""
     truncated: bool
     """The episode ended (its epoch ran out, or ``max_steps`` was reached)."""
+    grid: torch.Tensor | None = None
+    """The mask grid the step applied (B, G, G), after the budget (None: no mask)."""
 
 
 class PretrainCore:
@@ -186,27 +195,39 @@ class PretrainCore:
         self._start_epoch(self.epoch + 1)
         return self.images
 
-    def inputs(self, images: torch.Tensor, grid: torch.Tensor | None = None,
-               perturb: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-        """The classifier's input for a uint8 batch: normalised, multiplied by the noise mask of ``grid`` (B, G, G)
-        if given, then passed through ``perturb`` if given. What :meth:`step` trains on."""
-        x = self.normalizer(images)
+    def inputs(self, images: torch.Tensor, grid: torch.Tensor | None = None, perturb: Transform | None = None,
+               augment: Transform | None = None) -> torch.Tensor:
+        """The classifier's input for a uint8 batch: passed through ``augment`` if given, normalised, multiplied by
+        the noise mask of ``grid`` (B, G, G) if given (held at the mask budget first, if there is one:
+        :meth:`applied_grid`), then passed through ``perturb`` if given. What :meth:`step` trains on."""
+        return self._perturbed(images, self.applied_grid(grid), perturb, augment)
+
+    def _perturbed(self, images: torch.Tensor, grid: torch.Tensor | None, perturb: Transform | None,
+                   augment: Transform | None) -> torch.Tensor:
+        x = self.normalizer(augment(images) if augment is not None else images)
         if grid is not None:
             x = self.mask.apply(x, grid)
         return perturb(x) if perturb is not None else x
 
-    def step(self, grid: torch.Tensor | None = None,
-             perturb: Callable[[torch.Tensor], torch.Tensor] | None = None,
-             loss_scale: torch.Tensor | None = None) -> StepResult:
-        """Apply ``grid`` (B, G, G) as the noise mask (None: no mask) and/or ``perturb`` to the normalised
-        batch, take one classifier step, and load the next batch.
+    def applied_grid(self, grid: torch.Tensor | None) -> torch.Tensor | None:
+        """``grid`` as the environment applies it: held at ``mask_budget`` when that is set, else unchanged."""
+        if grid is None or self.cfg.mask_budget is None:
+            return grid
+        return hold_mean(grid, self.cfg.mask_budget)
+
+    def step(self, grid: torch.Tensor | None = None, perturb: Transform | None = None,
+             loss_scale: torch.Tensor | None = None, augment: Transform | None = None) -> StepResult:
+        """Augment the uint8 batch with ``augment`` if given, apply ``grid`` (B, G, G) as the noise mask (None: no
+        mask) and/or ``perturb`` to the normalised batch (:meth:`inputs`), take one classifier step, and load the next
+        batch.
 
         ``loss_scale`` (a 0-d tensor on the device; None: 1) multiplies the classifier's batch-mean
         cross-entropy before its backward pass, as the reference code does; the returned losses and
         rewards stay unscaled."""
         if self._iter is None:
             raise RuntimeError("call reset() before step()")
-        x = self.inputs(self.images, grid, perturb)
+        grid = self.applied_grid(grid)
+        x = self._perturbed(self.images, grid, perturb, augment)
         loss, logits = supervised_step(self.model, self.optimizer, x, self.labels, self.dev,
                                        step=self.global_step, loss_scale=loss_scale)
         correct = (logits.argmax(1) == self.labels).float()
@@ -218,7 +239,7 @@ class PretrainCore:
         more = self._next_batch()
         self.exhausted = not more
         limit = self.cfg.max_steps is not None and self.episode_steps >= self.cfg.max_steps
-        return StepResult(reward=reward, loss=loss, correct=correct, truncated=(not more) or limit)
+        return StepResult(reward=reward, loss=loss, correct=correct, truncated=(not more) or limit, grid=grid)
 
     def sync_buffers(self) -> None:
         """Make every process hold the same classifier: average its BatchNorm statistics over ranks."""

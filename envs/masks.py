@@ -43,6 +43,32 @@ def gaussian_blur(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     return F.conv2d(F.pad(x, (0, 0, pad, pad), mode="reflect"), ky, groups=c)
 
 
+def hold_mean(grid: torch.Tensor, budget: float) -> torch.Tensor:
+    """Scale each grid of (B, G, G) so that its mean is ``budget``, clipping at 1: ``min(s_b * m, 1)`` with the one
+    ``s_b >= 0`` per image that gives mean ``budget`` (the mask *budget*: how much of the image is kept on average).
+
+    The policy then decides where the noise goes, not how much. Exact, by water-filling: with the values sorted in
+    decreasing order and the ``k`` largest clipped at 1, ``s = (budget * N - k) / (sum of the other values)``, for the
+    smallest ``k`` where no other value is pushed past 1. A grid whose cells are all 0 becomes the constant
+    ``budget``. ``budget`` must lie in (0, 1).
+    """
+    b, n = grid.shape[0], grid[0].numel()
+    flat = grid.reshape(b, n).float()
+    ordered, _ = flat.sort(dim=1, descending=True)
+    k = torch.arange(n + 1, device=grid.device, dtype=flat.dtype)
+    # rest[k]: the sum of all but the k largest values, summed from the smallest (no cancellation when it is tiny)
+    rest = torch.cat([ordered.flip(1).cumsum(1).flip(1), flat.new_zeros(b, 1)], dim=1)
+    scale = (budget * n - k) / rest.clamp_min(1e-12)
+    below = torch.cat([ordered, flat.new_zeros(b, 1)], dim=1)  # the largest value left unclipped with k clipped
+    valid = (scale * below <= 1 + 1e-6) & (rest > 1e-12) & (k <= budget * n)
+    first = valid.float().argmax(1, keepdim=True)
+    s = scale.gather(1, first)
+    held = (flat * s).clamp(max=1.0)
+    empty = ~valid.any(1, keepdim=True)
+    held = torch.where(empty, torch.full_like(held, budget), held)
+    return held.view_as(grid).to(grid.dtype)
+
+
 class NoiseMask(nn.Module):
     """Turn (B, G, G) grids into (B, 1, H, W) masks and apply them to normalised images.
 

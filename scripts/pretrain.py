@@ -30,7 +30,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--blur-sigma", type=float, default=6.0, help="Gaussian sigma of the mask blur (pixels)")
     p.add_argument("--lr", type=float, default=0.1, help="classifier SGD learning rate")
     p.add_argument("--lr-step-epochs", type=int, default=30, help="classifier StepLR period (factor 0.1)")
-    p.add_argument("--reward", default="classifiable", choices=REWARDS, help="per-image reward")
+    p.add_argument("--reward", default="classifiable", choices=REWARDS, help="per-image reward (the *-budget algos: "
+                   "adversarial)")
+    p.add_argument("--mask-budget", type=float, default=None, help="hold each mask's mean value at this budget in "
+                   "(0, 1) (the *-budget algos: 0.5)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many classifier steps")
     p.add_argument("--log-every", type=int, default=10, help="steps between scalar logs")
     p.add_argument("--image-every", type=int, default=100, help="steps between mask image grids")
@@ -44,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="REINFORCE estimator (default) or the reference code's objective")
     r.add_argument("--param", choices=("exp", "softplus"), default=None, help="Beta parameterisation")
     r.add_argument("--entropy-coef", type=float, default=None, help="entropy bonus weight")
+    r.add_argument("--baseline", choices=("moving", "batch"), default=None,
+                   help="reward baseline: moving average (default) or leave-one-out batch mean")
     r.add_argument("--normalize-advantage", action="store_true", default=None, help="normalise advantages")
     r.add_argument("--max-grad-norm", type=float, default=None, help="policy gradient clipping (0: off)")
     r.add_argument("--scale-classifier-loss", action="store_true", default=None,
@@ -70,13 +75,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def config_from_args(a: argparse.Namespace) -> PretrainConfig:
     env = EnvConfig(dataset=a.dataset, classifier=a.classifier, batch_size=a.batch_size, image_size=a.image_size,
                     grid=a.grid, blur_kernel=a.blur_kernel, blur_sigma=a.blur_sigma, lr=a.lr,
-                    lr_step_epochs=a.lr_step_epochs, reward=a.reward, seed=a.seed, device=a.device,
-                    precision=a.precision,
-                    workers=a.workers, sync_bn=a.sync_bn)
-    agent = {k: getattr(a, k) for k in ("policy_lr", "objective", "param", "entropy_coef", "normalize_advantage",
-                                         "max_grad_norm", "scale_classifier_loss", "noise_std", "loss_scale",
-                                         "n_steps", "n_epochs", "sb3_batch_size", "ent_coef", "vf_coef", "gamma",
-                                         "gae_lambda", "clip_range")}
+                    lr_step_epochs=a.lr_step_epochs, reward=a.reward, mask_budget=a.mask_budget, seed=a.seed,
+                    device=a.device, precision=a.precision, workers=a.workers, sync_bn=a.sync_bn)
+    agent = {k: getattr(a, k) for k in (
+        "policy_lr", "objective", "param", "baseline", "entropy_coef", "normalize_advantage", "max_grad_norm",
+        "scale_classifier_loss", "noise_std", "loss_scale", "n_steps", "n_epochs", "sb3_batch_size", "ent_coef",
+        "vf_coef", "gamma", "gae_lambda", "clip_range")}
     return PretrainConfig(algo=a.algo, env=env, agent={k: v for k, v in agent.items() if v is not None},
                           epochs=1 if a.epochs is None else a.epochs, max_steps=a.max_steps, run_dir=a.run_dir or "",
                           log_every=a.log_every, image_every=a.image_every, ckpt_every=a.ckpt_every)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchvision.transforms import functional as TF
 
-from envs.masks import NoiseMask, check_blur, gaussian_blur, gaussian_kernel1d
+from envs.masks import NoiseMask, check_blur, gaussian_blur, gaussian_kernel1d, hold_mean
 
 
 @pytest.mark.parametrize(
@@ -102,3 +102,23 @@ def test_mask_operator_equals_upsample_then_blur(size: int, grid: int, kernel: i
     ours, ref = nm(g), nm.reference(g)
     assert ours.shape == ref.shape == (3, 1, size, size) and ours.dtype == torch.float32
     torch.testing.assert_close(ours, ref, atol=0 if kernel == 1 else 1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("budget", [0.1, 0.5, 0.9])
+def test_hold_mean_sets_each_grids_mean_keeping_its_order(budget: float) -> None:
+    """Each grid is scaled to mean ``budget`` (clipped at 1): values stay in [0, 1], the cells keep their order, and a
+    grid already at the budget is left as it is."""
+    g = torch.distributions.Beta(0.4, 0.6).sample((32, 8, 8)).clamp(1e-5, 1 - 1e-5)
+    held = hold_mean(g, budget)
+    assert torch.allclose(held.mean((1, 2)), torch.full((32,), budget), atol=1e-5)
+    assert held.min() >= 0 and held.max() <= 1
+    unclipped = held < 1
+    ratio = held[unclipped] / g[unclipped]
+    per_image = (held / g).where(unclipped, torch.nan)
+    assert torch.allclose(ratio, per_image.nanmean((1, 2), keepdim=True).expand_as(g)[unclipped], rtol=1e-4)
+    assert torch.allclose(hold_mean(held, budget), held, atol=1e-5)
+
+
+def test_hold_mean_of_a_constant_grid_is_the_budget() -> None:
+    assert torch.allclose(hold_mean(torch.full((2, 4, 4), 0.9), 0.3), torch.full((2, 4, 4), 0.3))
+    assert torch.allclose(hold_mean(torch.full((1, 4, 4), 1e-5), 0.7), torch.full((1, 4, 4), 0.7), atol=1e-5)

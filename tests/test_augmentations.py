@@ -1,0 +1,61 @@
+"""The torchvision augmentations as non-learned agents: per image, on the right side of normalisation, reproducible."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pretrain
+import pytest
+import torch
+
+from agents.baselines import RandomErasing, TrivialAugment
+from agents.registry import make_agent
+
+
+def batch(n: int = 16, size: int = 32) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 1, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+
+def test_random_erasing_erases_a_rectangle_of_zeros_per_image_on_the_normalised_batch() -> None:
+    agent = make_agent("random-erasing", {"erase_p": 1.0})
+    assert isinstance(agent, RandomErasing)
+    x = torch.randn(16, 1, 32, 32) + 5.0  # no zeros before erasing
+    torch.manual_seed(0)
+    action = agent.act(batch())
+    assert action.grid is None and action.augment is None
+    erased = action.perturb(x) == 0
+    assert erased.any((1, 2, 3)).all()  # every image, with p = 1
+    boxes = {tuple(e[0].nonzero().min(0).values.tolist() + e[0].nonzero().max(0).values.tolist()) for e in erased}
+    assert len(boxes) > 1  # drawn per image, not once for the batch
+    for e in erased:  # a filled rectangle
+        (r0, c0), (r1, c1) = e[0].nonzero().min(0).values, e[0].nonzero().max(0).values
+        assert e[0, r0:r1 + 1, c0:c1 + 1].all() and e.sum() == (r1 - r0 + 1) * (c1 - c0 + 1)
+    with pytest.raises(ValueError, match="erase_p"):
+        RandomErasing(erase_p=1.5)
+
+
+def test_trivial_augment_changes_uint8_images_independently_and_reproducibly() -> None:
+    agent = make_agent("trivial-augment", {})
+    assert isinstance(agent, TrivialAugment)
+    images = batch(32)
+    torch.manual_seed(1)
+    first = agent.act(images).augment(images)
+    torch.manual_seed(1)
+    again = agent.act(images).augment(images)
+    assert first.dtype == torch.uint8 and first.shape == images.shape
+    assert torch.equal(first, again)
+    changed = (first != images).flatten(1).any(1)
+    assert 0 < int(changed.sum()) < 32 or changed.all()  # per image: some ops (identity, small shifts) may not show
+
+
+@pytest.mark.parametrize("algo", ["random-erasing", "trivial-augment"])
+def test_pretraining_with_an_augmentation_reports_it_as_the_perturbation(algo: str, tmp_path: Path) -> None:
+    run = tmp_path / algo
+    argv = ["--algo", algo, "--dataset", "synthrad?n_train=96&n_val=24&n_test=24", "--image-size", "32", "--grid", "8",
+            "--blur-kernel", "5", "--blur-sigma", "2", "--batch-size", "16", "--max-steps", "3", "--device", "cpu",
+            "--run-dir", str(run)]
+    assert pretrain.main(argv) == 0
+    figures = json.loads((run / "heated_metrics.json").read_text())
+    assert figures["heated/test/loss"] != figures["heated/test_perturbed/loss"]
+    assert not any(k.startswith("diagnostics/") for k in figures)  # no mask policy to diagnose
