@@ -449,15 +449,17 @@ def results_markdown(rows: list[dict[str, Any]], cfg: StudyConfig, targets: tupl
     n = len(cfg.seeds)
     pre = f"{cfg.pretrain_steps} steps" if cfg.pretrain_steps else f"{cfg.pretrain_epochs} epochs"
     fewshot = f" ({cfg.fewshot_epochs} on few-shot targets)" if cfg.fewshot_epochs else ""
+    finetuning = (f"fine-tuning on clean images for {cfg.finetune_epochs} epochs{fewshot} at lr {cfg.finetune_lr} "
+                  f"(scratch: {cfg.scratch_lr}), {cfg.warmup_epochs} warm-up epochs" if targets else "no fine-tuning")
     setting = (
         f"Pretraining on `{cfg.pretrain_dataset}` ({cfg.classifier}, {cfg.image_size} px, {pre}, lr {cfg.pretrain_lr}, "
-        f"grid {cfg.grid}, blur {cfg.blur_kernel}/{cfg.blur_sigma}); fine-tuning on clean images for "
-        f"{cfg.finetune_epochs} epochs{fewshot} at lr {cfg.finetune_lr} (scratch: {cfg.scratch_lr}), "
-        f"{cfg.warmup_epochs} warm-up epochs, batch {cfg.batch_size}; classifiers trained in {cfg.precision}, "
-        f"evaluated in fp32. Seeds {list(cfg.seeds)} (n = {n} per cell). "
+        f"grid {cfg.grid}, blur {cfg.blur_kernel}/{cfg.blur_sigma}); {finetuning}; batch {cfg.batch_size}; "
+        f"classifiers trained in {cfg.precision}, evaluated in fp32. Seeds {list(cfg.seeds)} (n = {n} per cell). "
         "Metrics on each target's test split (val where it has none)."
     )
     lines = ["# Comparison study", "", setting, "", "Cells: mean ± sample standard deviation over seeds.", ""]
+    if not targets:
+        return "\n".join(lines)
     twins = ("balanced_accuracy", "macro_recall")
     if rows and all(math.isclose(r["accuracy"], r[k], abs_tol=1e-9) for r in rows for k in twins):
         lines += ["The test splits are class-balanced, so accuracy, balanced accuracy and macro recall coincide.", ""]
