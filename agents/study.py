@@ -11,8 +11,10 @@ For every method, seed and target task:
   initialisation, and the question scratch answers is whether pretraining helps at all).
 
 A target is a dataset specification, optionally followed by ``@K`` for a few-shot variant with K
-training images per class (``synthrad:unseen@10``). Runs are paired by seed: seed s fixes the
-classifier's initialisation and data order in pretraining, and the head, data order, augmentation
+training images per class (``synthrad:unseen@10``), and optionally preceded by ``linear:`` for a linear probe: a
+fresh head trained on the frozen features at ``probe_lr``, which reads the representation itself, where full
+fine-tuning on a biased task can erase any difference (``linear:synthrad:shifted``). Runs are paired by seed: seed s
+fixes the classifier's initialisation and data order in pretraining, and the head, data order, augmentation
 and few-shot subset in fine-tuning, for every method alike. ``results.md`` therefore reports, beside
 the mean and standard deviation over seeds, the mean over seeds of the paired difference to ``none``
 (ordinary pretraining) with a 95% confidence interval from the t distribution with n - 1 degrees of
@@ -99,6 +101,8 @@ class StudyConfig:
     """Fine-tuning learning rate (the paper: 1e-3)."""
     scratch_lr: float = 0.1
     """Learning rate of the ``scratch`` baseline."""
+    probe_lr: float = 0.1
+    """Learning rate of linear probes (``linear:`` targets): a fresh layer on fixed features takes a large step."""
     warmup_epochs: float = 1.0
     """Fine-tuning warm-up epochs (the paper: 7 of 10)."""
     device: str = "auto"
@@ -162,7 +166,7 @@ class StudyConfig:
             raise ValueError(f"fewshot_epochs {self.fewshot_epochs} must be at least 1")
         self.pretrain_config("none", self.seeds[0], Path(self.out)).validate()
         for t in targets:
-            for lr in (self.finetune_lr, self.scratch_lr):
+            for lr in (self.finetune_lr, self.scratch_lr, self.probe_lr):
                 replace(self.finetune_config(SCRATCH, t, self.seeds[0]), lr=lr).validate()
 
     def pretrain_config(self, method: str, seed: int, run_dir: Path) -> PretrainConfig:
@@ -186,16 +190,25 @@ class StudyConfig:
             init=init, dataset=dataset, classifier=self.classifier if scratch else None,
             image_size=self.image_size, channels=1 if grayscale else None,
             epochs=self.fewshot_epochs if k and self.fewshot_epochs else self.finetune_epochs,
-            lr=self.scratch_lr if scratch else self.finetune_lr, warmup_epochs=self.warmup_epochs,
+            lr=self.probe_lr if is_linear(target) else self.scratch_lr if scratch else self.finetune_lr,
+            linear_probe=is_linear(target), warmup_epochs=self.warmup_epochs,
             batch_size=self.batch_size, train_per_class=k, seed=seed, device=self.device, precision=self.precision,
             workers=self.workers)
 
 
+LINEAR = "linear:"
+"""Prefix of a target evaluated by a linear probe on frozen features (``linear:synthrad:shifted``)."""
+
+
+def is_linear(target: str) -> bool:
+    return target.startswith(LINEAR)
+
+
 def parse_target(target: str) -> tuple[str, int | None]:
-    """Split ``DATASET@K`` into the dataset specification and K (None without ``@K``)."""
-    dataset, sep, k = target.rpartition("@")
+    """Split ``[linear:]DATASET@K`` into the dataset specification and K (None without ``@K``)."""
+    dataset, sep, k = target.removeprefix(LINEAR).rpartition("@")
     if not sep:
-        return target, None
+        return target.removeprefix(LINEAR), None
     if not k.isdigit() or int(k) < 1:
         raise ValueError(f"target {target!r}: after '@' comes the number of training images per class "
                          "(a positive integer), e.g. synthrad:unseen@10")
@@ -205,14 +218,14 @@ def parse_target(target: str) -> tuple[str, int | None]:
 def target_label(target: str) -> str:
     """A short, readable name for a target: the dataset without its options, and K."""
     dataset, k = parse_target(target)
-    return dataset.split("?")[0] + (f" (K={k})" if k else "")
+    return dataset.split("?")[0] + (f" (K={k})" if k else "") + (", linear probe" if is_linear(target) else "")
 
 
 def target_folder(target: str) -> str:
     """The target's folder name under ``finetune/``: the dataset without its options, and ``-k<K>``."""
     dataset, k = parse_target(target)
     name = "".join(c if c.isalnum() or c in "-_." else "-" for c in dataset.split("?")[0])
-    return name + (f"-k{k}" if k else "")
+    return name + (f"-k{k}" if k else "") + ("-linear" if is_linear(target) else "")
 
 
 def _key(settings: dict[str, Any]) -> str:

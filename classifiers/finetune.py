@@ -47,7 +47,7 @@ from classifiers.data import DataSpec, load_dataset, make_loader
 from classifiers.distributed import all_mean, average_buffers, barrier, init_from_env, is_distributed, is_main, rank
 from classifiers.heated import load_heated, save_heated
 from classifiers.metrics import SCALAR_METRICS
-from classifiers.models import ARCHITECTURES, build_classifier, replace_head
+from classifiers.models import ARCHITECTURES, LinearProbe, build_classifier, replace_head
 from classifiers.runlog import RunLogger, ScalarWindow, hparams_table, write_json
 from classifiers.train import (
     DevicePolicy,
@@ -84,6 +84,9 @@ class FinetuneConfig:
     """Scratch only: convert images to this many channels (None: the data's own). A heated model sets it."""
     new_head: bool = False
     """Replace the classification layer even when the class count matches (a different task of as many classes)."""
+    linear_probe: bool = False
+    """Train a fresh classification layer on frozen features (``classifiers.models.LinearProbe``): what the
+    representation holds, unchanged by fine-tuning (implies ``new_head``)."""
     epochs: int = 10
     """Passes over the (few-shot) training set (the paper: 10)."""
     lr: float = 1e-3
@@ -202,7 +205,7 @@ def fit_head(model: nn.Module | None, info: dict[str, Any], data: DataSpec, cfg:
     if model is None:
         model = build_classifier(info["arch"], data.num_classes, data.in_channels, data.image_size)
         return model, "new"
-    if replace_head(model, data.num_classes, force=cfg.new_head):
+    if replace_head(model, data.num_classes, force=cfg.new_head or cfg.linear_probe):
         return model, "replaced"
     if info["class_names"] and info["class_names"] != data.class_names:
         warnings.warn(f"the heated model's head is kept (both have {data.num_classes} classes) although the class "
@@ -235,7 +238,7 @@ class Finetuner:
         model, self.head = fit_head(start, info, self.data, cfg)
         self.arch = info["arch"]
         self.arch_image_size = info["image_size"] or self.data.image_size
-        self.model = self.dev.prepare(model)
+        self.model = self.dev.prepare(LinearProbe(model) if cfg.linear_probe else model)
         self.net: nn.Module = self.model
         if is_distributed():
             ids = [self.dev.device.index] if self.dev.cuda else None

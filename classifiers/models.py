@@ -71,3 +71,26 @@ def replace_head(model: nn.Module, num_classes: int, force: bool = False) -> boo
         return False
     model.fc = nn.Linear(model.fc.in_features, num_classes)
     return True
+
+
+class LinearProbe(nn.Module):
+    """A classifier whose features are frozen: only its ``fc`` layer learns, and the rest stays in evaluation mode
+    whatever ``train()`` says, so its BatchNorm statistics stay the pretrained ones. Reads what a representation
+    holds without changing it. The classifier is the attribute ``module`` (what ``classifiers.heated.unwrap``
+    returns), so saving it writes the plain classifier.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.module = model
+        for name, param in model.named_parameters():
+            param.requires_grad_(name.startswith("fc."))
+
+    def train(self, mode: bool = True) -> LinearProbe:
+        super().train(mode)
+        self.module.eval()
+        self.module.fc.train(mode)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)

@@ -9,7 +9,8 @@
 
     python scripts/compare.py --methods none --modality-biases 0.3333 0.6 0.8 0.95   # the shortcut against the bias
 
-A target is a dataset specification, with @K for K training images per class. --quick sets a small
+A target is a dataset specification, with @K for K training images per class and a linear: prefix for a linear
+probe on frozen features (linear:synthrad:shifted). --quick sets a small
 preset; options given beside it override the preset. Rerunning with the same settings reuses finished
 runs and resumes interrupted ones. Writes results.csv, results.md and results.png into --out.
 """
@@ -56,6 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(default: --finetune-epochs)")
     p.add_argument("--finetune-lr", type=float, help=f"fine-tuning learning rate (default: {d.finetune_lr})")
     p.add_argument("--scratch-lr", type=float, help=f"learning rate of the scratch baseline (default: {d.scratch_lr})")
+    p.add_argument("--probe-lr", type=float, help=f"learning rate of linear: targets (default: {d.probe_lr})")
     p.add_argument("--warmup-epochs", type=float, help=f"fine-tuning warm-up epochs (default: {d.warmup_epochs})")
     p.add_argument("--device", help=f"auto, cpu or cuda (default: {d.device})")
     p.add_argument("--precision", choices=PRECISIONS, help="the classifiers' arithmetic: bf16 autocast or fp32; auto: "

@@ -33,6 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.set_defaults(classifier=None, image_size=None, epochs=10)
     p.add_argument("--channels", type=int, default=None, choices=(1, 3), help="scratch: image channels")
     p.add_argument("--new-head", action="store_true", help="replace the head even when the class count matches")
+    p.add_argument("--linear-probe", action="store_true", help="train a fresh head on frozen features (the backbone's "
+                   "weights and BatchNorm statistics stay as given)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak SGD learning rate (the paper: 1e-3)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
@@ -49,7 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def config_from_args(a: argparse.Namespace) -> FinetuneConfig:
     return FinetuneConfig(
         init=a.init, dataset=a.dataset, classifier=a.classifier, image_size=a.image_size, channels=a.channels,
-        new_head=a.new_head, epochs=a.epochs, lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay,
+        new_head=a.new_head, linear_probe=a.linear_probe, epochs=a.epochs, lr=a.lr, momentum=a.momentum,
+        weight_decay=a.weight_decay,
         warmup_epochs=a.warmup_epochs, schedule=a.schedule, batch_size=a.batch_size,
         train_per_class=a.train_per_class, seed=a.seed, device=a.device, precision=a.precision,
         workers=a.workers,

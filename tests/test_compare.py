@@ -154,3 +154,16 @@ def test_bias_sweep_prints_the_heated_shortcut_per_bias(tmp_path: Path, capsys) 
 def test_pretraining_only_study_refuses_scratch() -> None:
     with pytest.raises(ValueError, match="scratch trains on a target"):
         StudyConfig(methods=("none", "scratch"), targets=()).validate()
+
+
+def test_linear_probe_targets() -> None:
+    """linear:DATASET[@K] is a linear probe on frozen features at probe_lr, in its own folder and label."""
+    from agents.study import target_folder, target_label
+
+    assert parse_target("linear:synthrad:shifted@5") == ("synthrad:shifted", 5)
+    assert target_folder("linear:synthrad:shifted?n_train=96") == "synthrad-shifted-linear"
+    assert target_label("linear:synthrad:shifted") == "synthrad:shifted, linear probe"
+    cfg = StudyConfig(probe_lr=0.3, targets=("linear:synthrad:shifted", "synthrad:shifted"))
+    probe, full = (cfg.finetune_config("x/heated.pt", t, 0) for t in cfg.targets)
+    assert (probe.linear_probe, probe.lr, probe.dataset) == (True, 0.3, "synthrad:shifted")
+    assert (full.linear_probe, full.lr) == (False, cfg.finetune_lr)

@@ -202,3 +202,28 @@ def test_damaged_checkpoint_falls_back_to_the_previous(tmp_path: Path, heated: P
     with pytest.warns(UserWarning, match="checkpoint.prev.pt"):
         finetune(cfg, resume=True)
     assert (run_dir / "metrics.json").is_file()
+
+
+def test_linear_probe_trains_the_head_alone_and_saves_a_plain_classifier(tmp_path: Path) -> None:
+    """--linear-probe: only a fresh fc layer learns; every other weight and BatchNorm statistic stays as in the heated
+    model; model.pt is the plain classifier again."""
+    from classifiers.heated import save_heated
+    from classifiers.models import build_classifier
+
+    torch.manual_seed(0)
+    heated = build_classifier("smallcnn", 12, 1, 16)
+    save_heated(tmp_path / "heated.pt", heated, "smallcnn", 12, 1, 16)
+    run = tmp_path / "probe"
+    argv = ["--init", str(tmp_path / "heated.pt"), "--dataset", "synthrad?n_train=96&n_val=24&n_test=24",
+            "--epochs", "2", "--batch-size", "16", "--lr", "0.1", "--linear-probe", "--device", "cpu",
+            "--run-dir", str(run)]
+    import finetune as script
+
+    assert script.main(argv) == 0
+    model, _ = load_heated(run / "model.pt")
+    before, after = heated.state_dict(), model.state_dict()
+    assert set(before) == set(after)
+    for k in before:
+        same = torch.equal(before[k], after[k])
+        assert same != k.startswith("fc."), k  # the head was replaced and trained; nothing else moved
+    assert json.loads((run / "metrics.json").read_text())["head"] == "replaced"
