@@ -391,7 +391,7 @@ class Study:
         text = results_markdown(rows, self.cfg, self.targets) + heated_markdown(heated, self.cfg)
         (self.out / "results.md").write_text(text, encoding="utf-8")
         if rows:
-            plot_results(rows, self.cfg.methods, self.targets, self.out / "results.png")
+            plot_results(rows, self.cfg.methods, self.targets, self.out / "results.png", heated)
 
 
 def paired_difference(values: np.ndarray, reference: np.ndarray) -> tuple[float, float, float, int]:
@@ -577,29 +577,52 @@ def bias_sweep(cfg: StudyConfig, biases: tuple[float, ...]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_results(rows: list[dict[str, Any]], methods: tuple[str, ...], targets: tuple[str, ...], path: Path) -> None:
-    """One panel per metric: a bar per method within each target, mean over seeds with ± one standard deviation."""
+HEATED_PANELS = {"shortcut_gap": "heated model: shortcut gap", "accuracy": "heated model: accuracy"}
+"""The heated-model figures plotted beside the fine-tuning metrics, per split, clean and perturbed as in training."""
+
+
+def _bars(ax, groups: list[list[list[float]]], names: list[str], labels: list[str]) -> None:
+    """Grouped bars: ``groups[g][j]`` holds the values (over seeds) of bar ``j`` of group ``g``; mean ± 1 sd."""
+    width = 0.8 / len(labels)
+    x = np.arange(len(groups))
+    for j, label in enumerate(labels):
+        vals = [g[j] for g in groups]
+        means = [np.mean(v) if v else np.nan for v in vals]
+        stds = [np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in vals]
+        ax.bar(x + (j - (len(labels) - 1) / 2) * width, means, width, yerr=stds, capsize=2, label=label)
+    ax.set_xticks(x, names, fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def plot_results(rows: list[dict[str, Any]], methods: tuple[str, ...], targets: tuple[str, ...], path: Path,
+                 heated: list[dict[str, Any]] | None = None) -> None:
+    """One panel per metric: a bar per method within each target, mean over seeds with ± one standard deviation; with
+    ``heated`` rows, two more panels: the heated models' shortcut gap and accuracy on the test and shifted splits,
+    clean and perturbed as in training."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     methods = [m for m in methods if any(r["method"] == m for r in rows)]
-    fig, axes = plt.subplots(2, 3, figsize=(max(12, 2.2 * len(targets) * 3), 7), squeeze=False)
-    width = 0.8 / len(methods)
-    x = np.arange(len(targets))
-    for ax, metric in zip(axes.flat, METRIC_NAMES):
-        for j, m in enumerate(methods):
-            vals = [list(_by(rows, m, t, metric).values()) for t in targets]
-            means = [np.mean(v) for v in vals]
-            stds = [np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in vals]
-            ax.bar(x + (j - (len(methods) - 1) / 2) * width, means, width, yerr=stds, capsize=2, label=m)
+    heated = heated or []
+    splits = [s for s in ("test", "shifted") if heated and f"heated/{s}/shortcut_gap" in heated[0]]
+    columns = 4 if splits else 3
+    fig, axes = plt.subplots(2, columns, figsize=(max(4 * columns, 2.2 * len(targets) * columns), 7), squeeze=False)
+    for ax, metric in zip(axes[:, :3].flat, METRIC_NAMES):
+        _bars(ax, [[list(_by(rows, m, t, metric).values()) for m in methods] for t in targets],
+              [target_label(t) for t in targets], methods)
         ax.set_title(metric)
-        ax.set_xticks(x, [target_label(t) for t in targets], fontsize=8)
-        ax.grid(axis="y", alpha=0.3)
+    if splits:
+        pretrained = [m for m in methods if any(r["method"] == m for r in heated)]
+        names = [f"{s}{' perturbed' if p else ''}" for s in splits for p in (False, True)]
+        for ax, (key, title) in zip(axes[:, 3], HEATED_PANELS.items()):
+            _bars(ax, [[list(_by(heated, m, None, f"heated/{n.replace(' perturbed', '_perturbed')}/{key}").values())
+                        for m in pretrained] for n in names], names, pretrained)
+            ax.set_title(title)
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(methods), fontsize=8)
-    fig.suptitle("Fine-tuned on each target: mean over seeds, error bars ± 1 standard deviation")
+    fig.suptitle("Fine-tuned on each target (and the heated models, right): mean over seeds, error bars ± 1 s.d.")
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
