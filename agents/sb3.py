@@ -241,6 +241,25 @@ class BetaActorCriticPolicy(ActorCriticPolicy):
     def _get_action_dist_from_latent(self, latent_pi: torch.Tensor) -> BetaDistribution:
         return self.action_dist.proba_distribution(self.action_net(latent_pi))
 
+    def mask_distribution(self, images: torch.Tensor) -> Beta:
+        """The per-cell Beta that acting samples from, batch shape ``(B, *action_shape)``, for a uint8 batch.
+
+        Evaluated as stable-baselines3 acts (eval mode, no gradient), then the previous mode is restored. Unlike
+        :meth:`get_distribution` it leaves ``action_dist`` alone: that holds the last step's distribution, which
+        the agent logs.
+        """
+        was_training = self.training
+        self.set_training_mode(False)
+        try:
+            with torch.no_grad():
+                features = self.extract_features(images.to(self.device), self.pi_features_extractor)
+                params = self.action_net(self.mlp_extractor.forward_actor(features))
+        finally:
+            self.set_training_mode(was_training)
+        dist = BetaDistribution(self.action_dist.action_dim).proba_distribution(params).distribution
+        shape = (images.shape[0], *self.action_space.shape)
+        return Beta(dist.concentration1.view(shape), dist.concentration0.view(shape))
+
 
 @dataclass
 class SB3Config:
@@ -444,6 +463,13 @@ class SB3Agent(Agent):
                    "policy/beta_mean_value": (alpha / (alpha + beta)).mean(),
                    **{_TRAIN_STATS[k]: v for k, v in self.train_stats.items() if k in _TRAIN_STATS}}
         self.runner.after_step(result, scalars, grid)
+
+    def mask_distribution(self, images: torch.Tensor) -> Beta:
+        """The policy's per-cell Beta for a uint8 batch ``(B, C, H, W)``: batch shape ``(B, G, G)``,
+        ``concentration1`` alpha and ``concentration0`` beta, the distribution a step samples masks from.
+
+        No gradient, no random draws, no change to the policy, its mode or the last step's logged distribution."""
+        return self.model.policy.mask_distribution(images)
 
     def _sb3_logger(self, run_dir: Path | None) -> Logger:
         """stable-baselines3's TensorBoard output in ``run_dir/sb3`` (none without a run folder)."""
