@@ -53,9 +53,10 @@ def environment_for(name: str, env: EnvConfig) -> EnvConfig:
     return dataclasses.replace(env, **settings)
 
 
-BUDGETED_ENV = {"reward": "adversarial", "mask_budget": 0.5}
+BUDGETED_ENV = {"reward": "adversarial", "mask_budget": 0.5, "reward_forward": "eval", "reward_reference": "constant"}
 """The budgeted objective's environment: each image's mask held at a mean of 0.5 (Beta(1, 1)'s), the policy rewarded
-for what it hides from the classifier (see docs/method.md)."""
+for what it hides from the classifier, read from an eval-mode forward (free of the BatchNorm coupling between images)
+as the change from the same image under the constant mask at the budget (see docs/budget-notes.md)."""
 _REINFORCE_OPTIONS = tuple(f.name for f in dataclasses.fields(ReinforceConfig))
 register("none", NoMask, (), "plain training, no mask")
 register("none-scaled", ScaledNoMask, ("loss_scale",),
@@ -77,7 +78,9 @@ register("reinforce-official-scaled", Reinforce,
          "factor (about 8.5 at G = 64)", objective="official", scale_classifier_loss=True)
 register("reinforce-budget", Reinforce, _REINFORCE_OPTIONS,
          "our REINFORCE deciding where the noise goes: each mask held at a budget (mean 0.5), rewarded by the "
-         "classifier's cross-entropy (adversarial)", env=BUDGETED_ENV, defaults={"param": "softplus"})
+         "classifier's cross-entropy (adversarial); the policy sets cell means held at the budget, each cell's Beta at "
+         "concentration 2 (Beta(1, 1) at an even spread)", env=BUDGETED_ENV,
+         defaults={"param": "softplus", "budget_concentration": 2.0, "policy_lr": 0.03, "normalize_advantage": True})
 for _module in ("agents.sb3",):
     try:
         importlib.import_module(_module)

@@ -8,6 +8,16 @@ Per step:
    ``log p(m_i)`` is the *joint* log-probability of image i's mask (the sum over cells), ``b``
    a moving-average baseline of the batch-mean reward, and ``H_i`` the mask's entropy.
 
+``budget_concentration=k`` (with a mask budget ``b``; the ``reinforce-budget`` default) changes what the policy may
+choose: the network's two outputs give each cell's mean as a logit, ``mu_c = sigmoid(l_alpha - l_beta)``, the means are
+held at the budget (``envs.masks.hold_mean``, differentiable), and cell c is drawn from Beta(k * mu_c, k * (1 - mu_c))
+(:class:`BudgetAllocation`). The mean grid then spends exactly the budget, and the concentration is fixed, so the
+policy decides *where* the noise goes (which cells get low means) but cannot buy more noise by changing the Beta's
+shape: held at a mean budget, i.i.d. cells from any Beta(alpha, beta) become masks whose spread is about ``b`` times
+the Beta's coefficient of variation, and the adversarial reward drives an unconstrained policy toward the largest one
+(see docs/budget-notes.md). With k = 2 a policy whose network outputs the same logits in every cell is Beta(1, 1): the
+uniform mask.
+
 ``objective="official"`` replaces step 3 by the reference code's objective,
 ``mean_i[log(sum_cells(exp(log p_cell)))] * mean_i[CE_i]``, for comparison: it uses a log-sum-exp
 of per-cell densities instead of the joint log-probability, one batch-mean signal for all
@@ -40,10 +50,11 @@ from torch.distributions import Beta
 from torch.nn.parallel import DistributedDataParallel
 
 from agents.base import Action, Agent
-from agents.policy import PARAMS, BetaMaskPolicy, beta_distribution, mask_log_prob, sample_mask
+from agents.policy import CONC_MAX, CONC_MIN, PARAMS, BetaMaskPolicy, beta_distribution, mask_log_prob, sample_mask
 from classifiers.distributed import all_mean, is_distributed, world_size
 from classifiers.train import check_finite
 from envs.core import PretrainCore, StepResult
+from envs.masks import hold_mean
 
 OBJECTIVES = ("reinforce", "official")
 BASELINES = ("moving", "batch")
@@ -77,6 +88,10 @@ class ReinforceConfig:
     """Channels of the policy's convolutional trunk."""
     policy_input_size: int = 64
     """The policy sees the image resized to at most this side."""
+    budget_concentration: float | None = None
+    """With the environment's mask budget: hold the cells' Beta means at the budget and their concentration
+    ``alpha + beta`` at this value, so the policy chooses only where the noise goes (module docstring); 2 starts at
+    Beta(1, 1). None or 0: the policy's own concentrations."""
     scale_classifier_loss: bool = False
     """With ``objective="official"``: multiply the classifier's loss by the batch mean of the log-sum-exp
     term, as the reference code does (see the module docstring)."""
@@ -96,6 +111,13 @@ class ReinforceConfig:
             raise ValueError(f"unknown baseline {self.baseline!r}; use one of {', '.join(BASELINES)}")
         if not 0 <= self.baseline_momentum < 1:
             raise ValueError(f"baseline momentum {self.baseline_momentum} must lie in [0, 1)")
+        if self.budget_concentration and not (
+                math.isfinite(self.budget_concentration) and 2 * CONC_MIN <= self.budget_concentration <= CONC_MAX):
+            raise ValueError(f"budget_concentration {self.budget_concentration} must lie in [{2 * CONC_MIN}, "
+                             f"{CONC_MAX}] (2: Beta(1, 1) at an even spread), or be 0 or None (off)")
+        if self.budget_concentration and self.objective != "reinforce":
+            raise ValueError("budget_concentration needs objective 'reinforce' (the budgeted objective); "
+                             f"got {self.objective!r}")
         if self.entropy_coef < 0 or self.max_grad_norm < 0:
             raise ValueError("entropy_coef and max_grad_norm must be 0 or more")
 
@@ -125,6 +147,33 @@ def official_loss(cell_log_prob: torch.Tensor, ce_mean: torch.Tensor) -> torch.T
     return log_sum_exp_term(cell_log_prob) * ce_mean.detach()
 
 
+class BudgetAllocation(nn.Module):
+    """A mask policy read as an allocation of the budget (``budget_concentration``, module docstring).
+
+    The two output channels before any activation, ``l`` (the head output for ``softplus``; the paper's
+    ``a = 0.9 * base + 0.1 * h`` for ``exp``), give each cell's mean as a logit: ``mu = hold_mean(sigmoid(l_alpha -
+    l_beta), budget)``, and cell c is Beta(k * mu_c, k * (1 - mu_c)). Reading the logits directly, not the policy's
+    concentrations, matters: ``softplus(h) + 1`` has a floor at 1, and a policy whose outputs both sink below it has
+    ``alpha = beta = 1`` whatever their difference, no gradient, and never comes back (reading the means as
+    ``alpha / (alpha + beta)``, a run of 600 steps did so after about 75, docs/budget-notes.md).
+    """
+
+    def __init__(self, policy: BetaMaskPolicy, budget: float, concentration: float) -> None:
+        super().__init__()
+        self.policy, self.budget, self.concentration = policy, budget, concentration
+
+    def forward(self, images: torch.Tensor, update_base: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        p = self.policy
+        logits = p.head_output(images)
+        if p.param == "exp":
+            if update_base:
+                p._update_base(logits.detach().mean(0))
+            logits = (1.0 - p.head_weight) * p.base + p.head_weight * logits
+        mu = hold_mean(torch.sigmoid(logits[:, 0] - logits[:, 1]), self.budget)
+        k = self.concentration
+        return (k * mu).clamp(CONC_MIN, CONC_MAX), (k * (1.0 - mu)).clamp(CONC_MIN, CONC_MAX)
+
+
 class Reinforce(Agent):
     """REINFORCE with a Beta mask policy. See the module docstring for the estimator."""
 
@@ -140,10 +189,17 @@ class Reinforce(Agent):
         cfg = self.cfg
         self.policy = BetaMaskPolicy(core.in_channels, core.cfg.grid, cfg.param, cfg.policy_width,
                                      cfg.policy_input_size).to(core.dev.device)
-        self.net: nn.Module = self.policy
+        if cfg.budget_concentration and core.cfg.mask_budget is None:
+            raise ValueError("budget_concentration needs an environment with a mask budget; use --algo "
+                             "reinforce-budget or set --mask-budget")
+        self.sampler: nn.Module = (BudgetAllocation(self.policy, core.cfg.mask_budget, cfg.budget_concentration)
+                                   if cfg.budget_concentration else self.policy)
+        """What maps images to the concentrations the grids are drawn from (the policy itself, or its budget
+        allocation); its parameters are the policy's."""
+        self.net: nn.Module = self.sampler
         if is_distributed():
             ids = [core.dev.device.index] if core.dev.cuda else None
-            self.net = DistributedDataParallel(self.policy, device_ids=ids)
+            self.net = DistributedDataParallel(self.sampler, device_ids=ids)
         self.lr = cfg.policy_lr if cfg.policy_lr is not None else core.cfg.lr / 10
         self.optimizer = torch.optim.SGD(self.policy.parameters(), lr=self.lr, momentum=cfg.momentum)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(1, total_steps),
@@ -153,8 +209,8 @@ class Reinforce(Agent):
 
     @torch.no_grad()
     def mask_distribution(self, images: torch.Tensor) -> Beta:
-        """The policy's per-cell Beta for ``images``, its moving-average base left as it is."""
-        alpha, beta = self.policy(images, update_base=False)
+        """The per-cell Beta the agent draws ``images``' grids from, the policy's moving-average base left as it is."""
+        alpha, beta = self.sampler(images, update_base=False)
         return Beta(alpha, beta)
 
     def act(self, images: torch.Tensor) -> Action:

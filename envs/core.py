@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from classifiers.data import DataSpec, load_dataset, make_loader
@@ -23,6 +24,8 @@ from classifiers.train import DevicePolicy, Normalizer, check_precision, resolve
 from envs.masks import NoiseMask, hold_mean
 
 REWARDS = ("classifiable", "adversarial", "correct")
+REWARD_FORWARDS = ("train", "eval")
+REWARD_REFERENCES = ("none", "constant")
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -57,6 +60,18 @@ class EnvConfig:
     mask_budget: float | None = None
     """Hold each image's mean grid value at this budget in (0, 1) (``envs.masks.hold_mean``), so a policy chooses where
     the noise goes, not how much; None: grids are applied as given."""
+    reward_forward: str = "train"
+    """Which forward pass of the classifier the reward is read from. ``train``: the training step's own (train-mode
+    BatchNorm, so each image's cross-entropy also depends on the other images' masks through the batch statistics);
+    ``eval``: an extra no-grad forward in eval mode (running statistics) on the same masked batch, before the update,
+    so each image's reward depends on its own mask only. The classifier trains the same way under both."""
+    reward_reference: str = "none"
+    """A per-image control subtracted from the reward. ``none``; ``constant``: the same image's reward under the
+    constant mask at ``mask_budget`` (the image times the budget), from the same kind of forward pass as the reward
+    (``reward_forward``; in train mode a second, no-grad forward on the reference batch whose BatchNorm statistics
+    are thrown away), so the reward says how much *this* mask changes *this* image's cross-entropy compared with
+    spreading the budget evenly. It does not depend on the sampled mask, so the policy gradient stays unbiased, and it
+    takes the image's own difficulty out of the reward. Needs ``mask_budget``."""
     max_steps: int | None = None
     """Truncate each episode after this many steps (None: one pass over the training set)."""
     seed: int = 0
@@ -83,6 +98,14 @@ class EnvConfig:
             raise ValueError(f"learning rate {self.lr} must be a positive number (the paper uses 0.1)")
         if self.reward not in REWARDS:
             raise ValueError(f"unknown reward {self.reward!r}; use one of {', '.join(REWARDS)}")
+        if self.reward_forward not in REWARD_FORWARDS:
+            raise ValueError(f"unknown reward_forward {self.reward_forward!r}; use one of {', '.join(REWARD_FORWARDS)}")
+        if self.reward_reference not in REWARD_REFERENCES:
+            raise ValueError(f"unknown reward_reference {self.reward_reference!r}; use one of "
+                             f"{', '.join(REWARD_REFERENCES)}")
+        if self.reward_reference == "constant" and self.mask_budget is None:
+            raise ValueError("reward_reference 'constant' (each image under the constant mask at the budget) needs a "
+                             "mask_budget; set one (for example 0.5), or use reward_reference 'none'")
         if self.mask_budget is not None and not 0.0 < self.mask_budget < 1.0:
             raise ValueError(f"mask budget {self.mask_budget} must lie strictly between 0 and 1 (the mean mask value "
                              "each image keeps; 0.5 is what Beta(1, 1) masks give on average)")
@@ -204,7 +227,12 @@ class PretrainCore:
 
     def _perturbed(self, images: torch.Tensor, grid: torch.Tensor | None, perturb: Transform | None,
                    augment: Transform | None) -> torch.Tensor:
-        x = self.normalizer(augment(images) if augment is not None else images)
+        return self._masked(self._normalised(images, augment), grid, perturb)
+
+    def _normalised(self, images: torch.Tensor, augment: Transform | None) -> torch.Tensor:
+        return self.normalizer(augment(images) if augment is not None else images)
+
+    def _masked(self, x: torch.Tensor, grid: torch.Tensor | None, perturb: Transform | None) -> torch.Tensor:
         if grid is not None:
             x = self.mask.apply(x, grid)
         return perturb(x) if perturb is not None else x
@@ -227,11 +255,26 @@ class PretrainCore:
         if self._iter is None:
             raise RuntimeError("call reset() before step()")
         grid = self.applied_grid(grid)
-        x = self._perturbed(self.images, grid, perturb, augment)
+        clean = self._normalised(self.images, augment)  # once: a random augmentation must be the same in both passes
+        x = self._masked(clean, grid, perturb)
+        # the per-image reference: the constant grid at the budget gives the constant mask (the rows of the mask
+        # operator sum to 1), so its input is the image times the budget
+        ref = self._masked(clean * self.cfg.mask_budget, None, perturb) if self.cfg.reward_reference == "constant" \
+            else None
+        b = x.shape[0]
+        own = ref_score = None
+        if self.cfg.reward_forward == "eval":  # one forward for both, before the update
+            loss_e, correct_e = self._score(x if ref is None else torch.cat([x, ref]), train=False)
+            own = (loss_e[:b], correct_e[:b])
+            ref_score = (loss_e[b:], correct_e[b:]) if ref is not None else None
+        elif ref is not None:  # the reference in train mode, with its own batch statistics, before the update
+            ref_score = self._score(ref, train=True)
         loss, logits = supervised_step(self.model, self.optimizer, x, self.labels, self.dev,
                                        step=self.global_step, loss_scale=loss_scale)
         correct = (logits.argmax(1) == self.labels).float()
-        reward = {"classifiable": -loss, "adversarial": loss, "correct": correct}[self.cfg.reward]
+        reward = self._reward(*(own if own is not None else (loss, correct)))
+        if ref_score is not None:
+            reward = reward - self._reward(*ref_score)
         self.global_step += 1
         self.step_in_epoch += 1
         self.episode_steps += 1
@@ -240,6 +283,29 @@ class PretrainCore:
         self.exhausted = not more
         limit = self.cfg.max_steps is not None and self.episode_steps >= self.cfg.max_steps
         return StepResult(reward=reward, loss=loss, correct=correct, truncated=(not more) or limit, grid=grid)
+
+    def _reward(self, loss: torch.Tensor, correct: torch.Tensor) -> torch.Tensor:
+        """Per-image reward of ``cfg.reward`` from per-image cross-entropies and correctness."""
+        return {"classifiable": -loss, "adversarial": loss, "correct": correct}[self.cfg.reward]
+
+    @torch.no_grad()
+    def _score(self, x: torch.Tensor, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-image cross-entropy and correctness of the classifier on ``x``, without gradient and without a trace:
+        in eval mode (running statistics), or in train mode (the batch's own statistics) with the BatchNorm running
+        statistics restored afterwards, so the training step that follows is the one it would be without it."""
+        model = self.classifier
+        was_training = model.training
+        saved = [b.clone() for b in model.buffers()] if train else []
+        model.train(train)
+        try:
+            with self.dev.autocast():
+                logits = model(x).float()
+        finally:
+            model.train(was_training)
+            for b, v in zip(model.buffers(), saved):
+                b.copy_(v)
+        labels = self.labels.repeat(x.shape[0] // self.labels.shape[0])
+        return F.cross_entropy(logits, labels, reduction="none"), (logits.argmax(1) == labels).float()
 
     def sync_buffers(self) -> None:
         """Make every process hold the same classifier: average its BatchNorm statistics over ranks."""
