@@ -49,6 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--entropy-coef", type=float, default=None, help="entropy bonus weight")
     r.add_argument("--baseline", choices=("moving", "batch"), default=None,
                    help="reward baseline: moving average (default) or leave-one-out batch mean")
+    r.add_argument("--budget-concentration", type=float, default=None,
+                   help="with a mask budget: the policy sets cell means held at the budget, each cell "
+                   "Beta(k mu, k(1-mu)) (reinforce-budget: 2)")
     r.add_argument("--normalize-advantage", action="store_true", default=None, help="normalise advantages")
     r.add_argument("--max-grad-norm", type=float, default=None, help="policy gradient clipping (0: off)")
     r.add_argument("--scale-classifier-loss", action="store_true", default=None,
@@ -78,9 +81,9 @@ def config_from_args(a: argparse.Namespace) -> PretrainConfig:
                     lr_step_epochs=a.lr_step_epochs, reward=a.reward, mask_budget=a.mask_budget, seed=a.seed,
                     device=a.device, precision=a.precision, workers=a.workers, sync_bn=a.sync_bn)
     agent = {k: getattr(a, k) for k in (
-        "policy_lr", "objective", "param", "baseline", "entropy_coef", "normalize_advantage", "max_grad_norm",
-        "scale_classifier_loss", "noise_std", "loss_scale", "n_steps", "n_epochs", "sb3_batch_size", "ent_coef",
-        "vf_coef", "gamma", "gae_lambda", "clip_range")}
+        "policy_lr", "objective", "param", "baseline", "budget_concentration", "entropy_coef", "normalize_advantage",
+        "max_grad_norm", "scale_classifier_loss", "noise_std", "loss_scale", "n_steps", "n_epochs", "sb3_batch_size",
+        "ent_coef", "vf_coef", "gamma", "gae_lambda", "clip_range")}
     return PretrainConfig(algo=a.algo, env=env, agent={k: v for k, v in agent.items() if v is not None},
                           epochs=1 if a.epochs is None else a.epochs, max_steps=a.max_steps, run_dir=a.run_dir or "",
                           log_every=a.log_every, image_every=a.image_every, ckpt_every=a.ckpt_every)
