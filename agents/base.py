@@ -95,4 +95,4 @@ class Agent:
             result = core.step(grid=action.grid, perturb=action.perturb, loss_scale=action.loss_scale,
                                augment=action.augment)
             scalars = self.observe(result)
-            runner.after_step(result, scalars, action.grid)
+            runner.after_step(result, scalars)

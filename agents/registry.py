@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,11 +45,13 @@ def options_for(name: str, options: dict[str, Any]) -> dict[str, Any]:
     return {**defaults, **{k: v for k, v in options.items() if v is not None}}
 
 
-def environment_for(name: str, env: EnvConfig) -> EnvConfig:
-    """``env`` with the settings the algo ``name`` registers, where ``env`` keeps ``EnvConfig``'s default for them
-    (a value the user chose stays; a run records the result in its ``config.json``)."""
+def environment_for(name: str, env: EnvConfig, chosen: Collection[str] = ()) -> EnvConfig:
+    """``env`` with the settings the algo ``name`` registers, where ``env`` keeps ``EnvConfig``'s default for them and
+    the field is not in ``chosen`` (the fields the user set explicitly, even to the default: ``--reward-forward train``
+    with ``reinforce-budget``); a run records the result in its ``config.json``."""
     default = EnvConfig()
-    settings = {k: v for k, v in AGENTS[name].env if getattr(env, k) == getattr(default, k)} if name in AGENTS else {}
+    settings = {k: v for k, v in AGENTS[name].env if getattr(env, k) == getattr(default, k) and k not in chosen} \
+        if name in AGENTS else {}
     return dataclasses.replace(env, **settings)
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,17 +102,21 @@ class PretrainConfig:
 class PretrainRunner:
     """Owns a run: builds the environment core and the agent, logs, evaluates, checkpoints."""
 
-    def __init__(self, cfg: PretrainConfig, resume: bool = False, keep_saved_length: bool = False) -> None:
+    def __init__(self, cfg: PretrainConfig, resume: bool = False, keep_saved_length: bool = False,
+                 chosen_env: Collection[str] = ()) -> None:
         """Args:
             cfg: the run's configuration. When resuming, the saved configuration is used instead, except
                 ``epochs`` and ``max_steps``, which come from ``cfg`` (so a run can be extended) unless
                 ``keep_saved_length``.
             resume: continue the run in ``cfg.run_dir`` from its newest intact checkpoint (a fresh start
                 when it has none).
+            chosen_env: ``EnvConfig`` fields the user set explicitly: the algo's registered environment settings
+                do not replace them (``agents.registry.environment_for``).
         """
         cfg.validate()
         make_agent(cfg.algo, cfg.agent)  # an unknown algo or a bad agent option fails before anything is written
-        cfg = dataclasses.replace(cfg, env=environment_for(cfg.algo, cfg.env), agent=options_for(cfg.algo, cfg.agent))
+        cfg = dataclasses.replace(cfg, env=environment_for(cfg.algo, cfg.env, chosen_env),
+                                  agent=options_for(cfg.algo, cfg.agent))
         self.cfg = cfg
         init_from_env(cfg.env.device)
         self.main = is_main()
@@ -184,7 +189,7 @@ class PretrainRunner:
     def done(self) -> bool:
         return self.core.global_step >= self.total_steps
 
-    def after_step(self, result: StepResult, scalars: dict[str, Any], grid: torch.Tensor | None) -> None:
+    def after_step(self, result: StepResult, scalars: dict[str, Any]) -> None:
         """Called after every classifier step: accumulate, log, evaluate at epoch end, checkpoint."""
         step = self.core.global_step
         grid = result.grid  # as applied, after any mask budget
@@ -337,9 +342,11 @@ class PretrainRunner:
     """A checkpoint fell due but the agent was mid-rollout; it is written at the agent's next rollout boundary."""
 
 
-def pretrain(cfg: PretrainConfig, resume: bool = False, keep_saved_length: bool = False) -> Path:
-    """Run (or resume) one pretraining run; return its folder. Under torchrun, leaves the process group."""
+def pretrain(cfg: PretrainConfig, resume: bool = False, keep_saved_length: bool = False,
+             chosen_env: Collection[str] = ()) -> Path:
+    """Run (or resume) one pretraining run; return its folder. Under torchrun, leaves the process group.
+    ``chosen_env``: see :class:`PretrainRunner`."""
     try:
-        return PretrainRunner(cfg, resume=resume, keep_saved_length=keep_saved_length).run()
+        return PretrainRunner(cfg, resume=resume, keep_saved_length=keep_saved_length, chosen_env=chosen_env).run()
     finally:
         shutdown()

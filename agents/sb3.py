@@ -8,14 +8,41 @@ an independent Beta, so actions land in [0, 1] without clipping. Its features ex
 cell's two concentrations, so the three agents differ in the estimator, not in the network.
 
 The agents drive :class:`envs.vec_env.NoiseMaskVecEnv` (one slot per image) wrapped in ``VecMonitor``.
-Every VecEnv step is one classifier step, so the defaults differ from stable-baselines3's:
+Every VecEnv step is one classifier step, and an action is G * G independent cells, so the defaults differ
+from stable-baselines3's:
 
 - ``n_steps = 8``: a rollout of 8 classifier steps (``8 * batch`` samples) per policy update;
 - ``gamma = 0``: a mask is credited with its own image's reward, as in our REINFORCE and the paper.
   A slot's next image is an unrelated image of the next batch, so discounted future rewards would
   only add noise; the critic then learns a per-image baseline, the expected reward of that image.
-- PPO keeps stable-baselines3's 10 epochs per rollout, in minibatches of a quarter of the rollout
-  (64 samples at batch 32 and ``n_steps = 8``, stable-baselines3's default minibatch size).
+- PPO keeps stable-baselines3's Adam (lr 3e-4) and 10 epochs per rollout, in minibatches of a quarter of
+  the rollout (64 samples at batch 32 and ``n_steps = 8``), but bounds its update per cell: it does not clip
+  the probability ratio (``clip_range=None``) and stops an update's epochs once the approximate KL divergence
+  from the rollout's policy passes ``1.5 * 0.002 * G * G`` (``target_kl_per_cell``, stable-baselines3's
+  ``target_kl`` scaled to the grid). The ratio PPO clips is a whole mask's: the product of G * G cells'
+  ratios, whose logarithm sums G * G per-cell log-ratios with zero-mean noise, so it grows about G times as
+  fast as one cell's. Clipped at 1 +- 0.2, PPO spent its updates on that noise and did not move: on small
+  synthrad (32 px, 304 steps, seeds 0-2) its mean mask value stayed at 0.48-0.52 at grids 8 and 16, with
+  the concentrations within 0.08 of 1, approx_kl 0.02-0.03 and a clip fraction of 0.21-0.28 per update, under
+  the default reward and under the adversarial one alike, while REINFORCE followed each reward (grid 8: 0.55
+  and 0.21, against 0.49 for its parameterisation's drift alone). A larger learning rate only clipped more
+  (one seed: clip fraction 0.55 at 1e-3, 0.80 at 3e-3, mean mask 0.51 and 0.54). Without the clip PPO follows
+  the rewards as REINFORCE does (0.59 and 0.21), and the KL stop keeps an update to about 0.003 nats per cell.
+- A2C keeps stable-baselines3's RMSprop with a learning rate of 3e-3 instead of 7e-4: it updates once per
+  rollout and RMSprop moves each weight by about the learning rate per update, so at 7e-4 its 38 updates in
+  304 steps left the mean mask within 0.04 of 0.5 under either reward (at 3e-3: 0.64 and 0.15 at grid 8).
+- The critic of both is the mean over cells of a per-cell value (:class:`SpatialValueHead`), not a linear
+  layer over all cells' features: it predicts one image's reward under a classifier that changes every
+  step, and the linear layer's 2,049 (grid 8) to 8,193 (grid 16) weights fitted noise (PPO's explained
+  variance -0.11 to -0.20), against 33 weights and -0.03 to -0.04. A2C does not normalise its advantages, so
+  its critic's noise enters its gradient directly (RMSprop at 1e-2 and grid 8: mean mask 0.61 with the linear
+  critic, 0.74 with the per-cell one).
+- The Beta head starts at concentration 1 (uniform masks), its weights orthogonal with stable-baselines3's
+  gain 0.01 for action heads: it was not what held PPO back (without the clip it moved at once).
+
+benchmarks/RESULTS.md ("REINFORCE, PPO and A2C: do they learn the same thing?") has the measurements (at grid 16
+and 304 steps all three agents, REINFORCE included, still scatter widely by seed); a test checks, on a task whose
+best mask is known, that PPO and A2C learn it (``test_sb3_learns_to_keep_the_informative_half``).
 
 Files. stable-baselines3's own TensorBoard scalars (``train/value_loss``, ``rollout/ep_rew_mean``, ...)
 go to ``run_dir/sb3`` against classifier steps, the x axis of our logs; its last update's statistics
@@ -52,7 +79,7 @@ from stable_baselines3.common.distributions import Distribution
 from stable_baselines3.common.logger import KVWriter, Logger
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import ActorCriticPolicy
-from stable_baselines3.common.preprocessing import get_action_dim
+from stable_baselines3.common.preprocessing import get_action_dim, preprocess_obs
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.type_aliases import Schedule
 from stable_baselines3.common.vec_env import VecMonitor
@@ -62,7 +89,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from agents.base import Agent
 from agents.policy import CONC_MAX, CONC_MIN, GridFeatures, mask_log_prob, sample_mask
-from agents.registry import register
+from agents.registry import BUDGETED_ENV, register
 from classifiers.io import atomic_write
 from classifiers.train import NonFiniteError
 from envs.core import PretrainCore, StepResult
@@ -180,15 +207,33 @@ class SpatialBetaHead(nn.Module):
         return self.conv(latent.view(-1, self.channels, self.grid, self.grid)).flatten(1)
 
 
+class SpatialValueHead(nn.Module):
+    """The critic over a flattened ``(channels, G, G)`` feature map: the mean over cells of a per-cell value
+    (a 1x1 convolution), shape ``(N, 1)``.
+
+    It has ``channels + 1`` parameters at any grid, where a linear layer over all cells' features has
+    ``channels * G * G + 1`` (8,193 at G = 16) to fit one reward per image (see the module docstring).
+    """
+
+    def __init__(self, channels: int, grid: int) -> None:
+        super().__init__()
+        self.channels, self.grid = channels, grid
+        self.conv = nn.Conv2d(channels, 1, 1)
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.conv(latent.view(-1, self.channels, self.grid, self.grid)).mean((2, 3))
+
+
 class BetaActorCriticPolicy(ActorCriticPolicy):
     """An actor-critic for noise masks: Beta-distributed actions in [0, 1], one Beta per grid cell.
 
     Defaults (each can be overridden through ``policy_kwargs``): :class:`MaskFeaturesExtractor` with
     ``grid`` taken from the action space, shared by actor and critic; no extra MLP layers
     (``net_arch = {"pi": [], "vf": []}``), so the actor is a 1x1 convolution per cell
-    (:class:`SpatialBetaHead`) and the critic a linear layer over the cell features;
+    (:class:`SpatialBetaHead`) and the critic the mean of a per-cell value (:class:`SpatialValueHead`);
     ``normalize_images=False`` (the extractor normalises). With another extractor or MLP layers the
-    actor is a linear layer (:meth:`BetaDistribution.proba_distribution_net`). gSDE is not supported.
+    actor and the critic are linear layers (:meth:`BetaDistribution.proba_distribution_net`). gSDE is not
+    supported.
     """
 
     def __init__(self, observation_space: gym.spaces.Box, action_space: gym.spaces.Box, lr_schedule: Schedule,
@@ -207,12 +252,16 @@ class BetaActorCriticPolicy(ActorCriticPolicy):
         """Like ``ActorCriticPolicy._build``, with the Beta distribution and its per-cell head."""
         self.action_dist = BetaDistribution(get_action_dim(self.action_space))
         self._build_mlp_extractor()
-        extractor = self.pi_features_extractor
+        extractor, critic_extractor = self.pi_features_extractor, self.vf_features_extractor
         if isinstance(extractor, MaskFeaturesExtractor) and self.mlp_extractor.latent_dim_pi == self.features_dim:
             self.action_net = SpatialBetaHead(extractor.channels, extractor.grid)
         else:
             self.action_net = self.action_dist.proba_distribution_net(self.mlp_extractor.latent_dim_pi)
-        self.value_net = nn.Linear(self.mlp_extractor.latent_dim_vf, 1)
+        if (isinstance(critic_extractor, MaskFeaturesExtractor)
+                and self.mlp_extractor.latent_dim_vf == critic_extractor.features_dim):
+            self.value_net = SpatialValueHead(critic_extractor.channels, critic_extractor.grid)
+        else:
+            self.value_net = nn.Linear(self.mlp_extractor.latent_dim_vf, 1)
         if self.ortho_init:  # stable-baselines3's gains, in its order (initialisation consumes the RNG)
             extractors = [self.features_extractor, self.pi_features_extractor, self.vf_features_extractor]
             gains = dict.fromkeys(extractors, np.sqrt(2))
@@ -252,7 +301,8 @@ class BetaActorCriticPolicy(ActorCriticPolicy):
         self.set_training_mode(False)
         try:
             with torch.no_grad():
-                features = self.extract_features(images.to(self.device), self.pi_features_extractor)
+                obs = preprocess_obs(images.to(self.device), self.observation_space, self.normalize_images)
+                features = self.pi_features_extractor(obs)
                 params = self.action_net(self.mlp_extractor.forward_actor(features))
         finally:
             self.set_training_mode(was_training)
@@ -292,8 +342,9 @@ class SB3Config:
         for name in ("gamma", "gae_lambda"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} {getattr(self, name)} must lie in [0, 1]")
-        if not self.policy_lr > 0:
-            raise ValueError(f"policy_lr {self.policy_lr} must be positive")
+        if not (self.policy_lr > 0 and math.isfinite(self.policy_lr)):
+            raise ValueError(f"policy learning rate {self.policy_lr} must be a positive finite number (default: "
+                             f"{type(self).policy_lr})")
         for name in ("ent_coef", "vf_coef", "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} {getattr(self, name)} must be 0 or more")
@@ -307,8 +358,13 @@ class PPOConfig(SB3Config):
     """Passes over each rollout."""
     sb3_batch_size: int | None = None
     """Minibatch size in samples (None: a quarter of the rollout, ``n_steps * batch / 4``, at least 2)."""
-    clip_range: float = 0.2
-    """PPO's clipping range of the probability ratio."""
+    clip_range: float | None = None
+    """Clip the probability ratio of a whole mask (the product of its G * G cells' ratios) to
+    ``[1 - clip_range, 1 + clip_range]``; None: no clipping, ``target_kl_per_cell`` bounds the update instead."""
+    target_kl_per_cell: float = 0.002
+    """Stop an update's epochs once the approximate KL divergence from the rollout's policy, summed over the
+    cells, exceeds ``1.5 * target_kl_per_cell * G * G`` (stable-baselines3's ``target_kl`` scaled to the grid);
+    0: never."""
 
     def validate(self) -> None:
         super().validate()
@@ -317,18 +373,20 @@ class PPOConfig(SB3Config):
         if self.sb3_batch_size is not None and self.sb3_batch_size < 2:
             raise ValueError(f"sb3_batch_size {self.sb3_batch_size} must be at least 2 (PPO normalises advantages "
                              "over each minibatch)")
-        if not self.clip_range > 0:
-            raise ValueError(f"clip_range {self.clip_range} must be positive")
+        if self.clip_range is not None and not self.clip_range > 0:
+            raise ValueError(f"clip_range {self.clip_range} must be positive (or None: no clipping)")
+        if not self.target_kl_per_cell >= 0:
+            raise ValueError(f"target_kl_per_cell {self.target_kl_per_cell} must be 0 or more")
 
 
 @dataclass
 class A2CConfig(SB3Config):
-    """A2C hyperparameters (stable-baselines3's defaults for the learning rate and GAE lambda)."""
+    """A2C hyperparameters (stable-baselines3's GAE lambda; a larger learning rate, see the module docstring)."""
 
     gae_lambda: float = 1.0
     """GAE lambda (1: plain n-step advantages; irrelevant when ``gamma = 0``)."""
-    policy_lr: float = 7e-4
-    """Learning rate of the policy's RMSprop optimiser."""
+    policy_lr: float = 3e-3
+    """Learning rate of the policy's RMSprop optimiser (stable-baselines3's default: 7e-4)."""
 
 
 class ClassifierStepTensorBoard(KVWriter):
@@ -398,8 +456,9 @@ class SB3Agent(Agent):
         self.cfg = self.config_class(**kwargs)
         self.cfg.validate()
 
-    def algorithm_kwargs(self, num_envs: int) -> dict[str, Any]:
-        """Keyword arguments of the stable-baselines3 algorithm beyond the policy and the environment."""
+    def algorithm_kwargs(self, num_envs: int, grid: int) -> dict[str, Any]:
+        """Keyword arguments of the stable-baselines3 algorithm beyond the policy and the environment, for
+        ``num_envs`` slots choosing ``grid`` x ``grid`` masks."""
         c = self.cfg
         return {"learning_rate": c.policy_lr, "n_steps": c.n_steps, "gamma": c.gamma, "gae_lambda": c.gae_lambda,
                 "ent_coef": c.ent_coef, "vf_coef": c.vf_coef, "max_grad_norm": c.max_grad_norm or math.inf}
@@ -412,14 +471,16 @@ class SB3Agent(Agent):
         self.venv = NoiseMaskVecEnv(core)
         self.venv.on_step = self._on_env_step
         self.env = VecMonitor(self.venv)
-        policy_kwargs = {"features_extractor_kwargs": {"grid": core.cfg.grid, "width": self.cfg.policy_width,
+        grid = core.cfg.grid
+        policy_kwargs = {"features_extractor_kwargs": {"grid": grid, "width": self.cfg.policy_width,
                                                        "input_size": self.cfg.policy_input_size}}
         self.model: OnPolicyAlgorithm = self.algorithm(
             BetaActorCriticPolicy, self.env, policy_kwargs=policy_kwargs, device=core.dev.device, verbose=0,
-            **self.algorithm_kwargs(self.venv.num_envs))
+            **self.algorithm_kwargs(self.venv.num_envs, grid))
         self.untrained_steps = 0
         self.train_stats: dict[str, float] = {}
-        """The last update's statistics (stable-baselines3's ``train/...`` keys), logged with every step."""
+        """The last update's statistics (stable-baselines3's ``train/...`` keys, non-finite ones too, such as the
+        clip range when PPO does not clip: a resumed run records them all again), logged with every step."""
         self.runner: PretrainRunner | None = None
 
     def checkpoint_ready(self) -> bool:
@@ -437,7 +498,7 @@ class SB3Agent(Agent):
         self.untrained_steps = 0
         logger = self.model.logger
         stats = {k: float(v) for k, v in logger.name_to_value.items() if k.startswith("train/")
-                 and "tensorboard" not in (logger.name_to_excluded.get(k) or ()) and math.isfinite(float(v))}
+                 and "tensorboard" not in (logger.name_to_excluded.get(k) or ())}
         if stats:
             self.train_stats = stats
         last = self.total_steps - self.core.global_step < self.cfg.n_steps
@@ -461,8 +522,9 @@ class SB3Agent(Agent):
                    "policy/alpha_mean": alpha.mean(), "policy/alpha_std": alpha.std(),
                    "policy/beta_mean": beta.mean(), "policy/beta_std": beta.std(),
                    "policy/beta_mean_value": (alpha / (alpha + beta)).mean(),
-                   **{_TRAIN_STATS[k]: v for k, v in self.train_stats.items() if k in _TRAIN_STATS}}
-        self.runner.after_step(result, scalars, grid)
+                   **{_TRAIN_STATS[k]: v for k, v in self.train_stats.items()
+                      if k in _TRAIN_STATS and math.isfinite(v)}}  # metrics.jsonl holds finite numbers only
+        self.runner.after_step(result, scalars)
 
     def mask_distribution(self, images: torch.Tensor) -> Beta:
         """The policy's per-cell Beta for a uint8 batch ``(B, C, H, W)``: batch shape ``(B, G, G)``,
@@ -558,12 +620,13 @@ class PPOAgent(SB3Agent):
     algorithm = PPO
     config_class = PPOConfig
 
-    def algorithm_kwargs(self, num_envs: int) -> dict[str, Any]:
+    def algorithm_kwargs(self, num_envs: int, grid: int) -> dict[str, Any]:
         c = self.cfg
         rollout = c.n_steps * num_envs
         batch = c.sb3_batch_size if c.sb3_batch_size is not None else max(2, rollout // 4)
-        return {**super().algorithm_kwargs(num_envs), "n_epochs": c.n_epochs, "batch_size": batch,
-                "clip_range": c.clip_range}
+        target_kl = c.target_kl_per_cell * grid * grid or None
+        return {**super().algorithm_kwargs(num_envs, grid), "n_epochs": c.n_epochs, "batch_size": batch,
+                "clip_range": math.inf if c.clip_range is None else c.clip_range, "target_kl": target_kl}
 
 
 class A2CAgent(SB3Agent):
@@ -580,3 +643,8 @@ def _option_names(config_class: type[SB3Config]) -> tuple[str, ...]:
 
 register("ppo", PPOAgent, _option_names(PPOConfig), "stable-baselines3 PPO with a Beta mask policy")
 register("a2c", A2CAgent, _option_names(A2CConfig), "stable-baselines3 A2C with a Beta mask policy")
+register("ppo-budget", PPOAgent, _option_names(PPOConfig),
+         "stable-baselines3 PPO on reinforce-budget's environment: each mask held at the budget (mean 0.5) by the "
+         "environment, rewarded by what it hides from the classifier", env=BUDGETED_ENV)
+register("a2c-budget", A2CAgent, _option_names(A2CConfig),
+         "stable-baselines3 A2C on reinforce-budget's environment (see ppo-budget)", env=BUDGETED_ENV)

@@ -54,7 +54,16 @@ from classifiers.train import resolve_device, resolve_precision
 from envs.core import EnvConfig
 
 BASELINE = "none"
-DEFAULT_METHODS = ("none", "uniform-mask", "gaussian-noise", "reinforce", "reinforce-official", SCRATCH)
+DEFAULT_METHODS = ("none", "uniform-mask", "gaussian-noise", "random-erasing", "trivial-augment", "reinforce",
+                   "reinforce-official-scaled", "none-scaled", "reinforce-budget", SCRATCH)
+"""The full study: plain training; non-learned perturbations (the uniform mask, Gaussian noise, and the augmentations a
+practitioner would reach for instead, torchvision's RandomErasing and TrivialAugmentWide); the paper's REINFORCE; the
+reference recipe whole (its objective and loss scale) with its plain-training control at the same loss scale; the
+budgeted policy that decides where the noise goes; and training from scratch on the target."""
+QUICK_METHODS = ("none", "uniform-mask", "random-erasing", "reinforce", "reinforce-budget", SCRATCH)
+"""The quick study's methods (``make demo``): one of each kind, within its 10 minutes."""
+BALANCED_BIAS = 0.3333
+"""The modality bias of the default modality-balanced target: the preferred modality no more often than another."""
 PRETRAIN_FREE = ("run_dir", "device", "workers")
 """Settings that do not change what a pretraining run computes (left out of its key). The precision is in the key,
 resolved (:class:`Study` resolves ``auto`` once), so runs in another arithmetic are never reused."""
@@ -71,8 +80,10 @@ class StudyConfig:
     pretrain_dataset: str = "synthrad"
     """The pretraining task."""
     targets: tuple[str, ...] | None = None
-    """Target tasks, ``DATASET`` or ``DATASET@K`` (None: the pretraining task, and for synthrad the unseen task
-    with the same options in full and with ``fewshot_k`` images per class; empty: pretraining only)."""
+    """Target tasks, ``[linear:]DATASET[@K]`` (None: the pretraining task and a few-shot variant; for synthrad, with
+    the pretraining task's options: the pretraining task, its modality-shifted test split, the unseen task in full
+    and with ``fewshot_k`` images per class, a linear probe tested on the shifted split, and fine-tuning on
+    modality-balanced data (``modality_bias`` 1/3); empty: pretraining only)."""
     fewshot_k: int = 10
     """K of the default few-shot target."""
     classifier: str = "smallcnn"
@@ -125,7 +136,7 @@ class StudyConfig:
         them about eight times slower (measured: 70 s against 8 s per pretraining run)."""
         options = "n_val=120&n_test=240"
         return cls(
-            seeds=(0, 1, 2), pretrain_dataset=f"synthrad?n_train=1280&{options}",
+            methods=QUICK_METHODS, seeds=(0, 1, 2), pretrain_dataset=f"synthrad?n_train=1280&{options}",
             targets=(f"synthrad?n_train=1280&{options}", f"synthrad:unseen?n_train=480&{options}",
                      f"synthrad:unseen?n_train=480&{options}@16"),
             image_size=32, grid=8, blur_kernel=7, blur_sigma=3.0, pretrain_epochs=3, finetune_epochs=2,
@@ -138,8 +149,10 @@ class StudyConfig:
         base, _, options = self.pretrain_dataset.partition("?")
         if not base.startswith("synthrad"):
             return (self.pretrain_dataset, f"{self.pretrain_dataset}@{self.fewshot_k}")
-        unseen = "synthrad:unseen" + (f"?{options}" if options else "")
-        return (self.pretrain_dataset, unseen, f"{unseen}@{self.fewshot_k}")
+        query = f"?{options}" if options else ""
+        unseen, shifted = "synthrad:unseen" + query, "synthrad:shifted" + query
+        balanced = with_synthrad_option(self.pretrain_dataset, "modality_bias", BALANCED_BIAS)
+        return (self.pretrain_dataset, shifted, unseen, f"{unseen}@{self.fewshot_k}", LINEAR + shifted, balanced)
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the value and the fix before any run starts."""
@@ -215,16 +228,26 @@ def parse_target(target: str) -> tuple[str, int | None]:
     return dataset, int(k)
 
 
+def _bias_option(dataset: str) -> str | None:
+    """The ``modality_bias`` option of a dataset specification, if it sets one (it changes the task's data)."""
+    options = dict(o.partition("=")[::2] for o in dataset.partition("?")[2].split("&") if o)
+    return options.get("modality_bias")
+
+
 def target_label(target: str) -> str:
-    """A short, readable name for a target: the dataset without its options, and K."""
+    """A short, readable name for a target: the dataset without its options (but its modality bias), and K."""
     dataset, k = parse_target(target)
-    return dataset.split("?")[0] + (f" (K={k})" if k else "") + (", linear probe" if is_linear(target) else "")
+    bias = _bias_option(dataset)
+    return (dataset.split("?")[0] + (f" (modality_bias {bias})" if bias else "") + (f" (K={k})" if k else "")
+            + (", linear probe" if is_linear(target) else ""))
 
 
 def target_folder(target: str) -> str:
     """The target's folder name under ``finetune/``: the dataset without its options, and ``-k<K>``."""
     dataset, k = parse_target(target)
-    name = "".join(c if c.isalnum() or c in "-_." else "-" for c in dataset.split("?")[0])
+    bias = _bias_option(dataset)
+    name = "".join(c if c.isalnum() or c in "-_." else "-" for c in dataset.split("?")[0] + (f"-bias{bias}" if bias
+                                                                                              else ""))
     return name + (f"-k{k}" if k else "") + ("-linear" if is_linear(target) else "")
 
 
@@ -372,7 +395,8 @@ class Study:
             if r.stage == "pretrain":
                 figures = json.loads((Path(r.run_dir) / "heated_metrics.json").read_text())
                 rows.append({"method": r.method, "seed": r.seed, **{k: v for k, v in figures.items()
-                                                                     if "/" in k}, "pretrain_dir": r.run_dir})
+                                                                     if "/" in k},
+                             **diagnostics_over_run(Path(r.run_dir) / "metrics.jsonl"), "pretrain_dir": r.run_dir})
         return rows
 
     def write(self, rows: list[dict[str, Any]], seconds: float) -> None:
@@ -538,7 +562,43 @@ def heated_markdown(rows: list[dict[str, Any]], cfg: StudyConfig) -> str:
             cells = [_mean_std(list(_by(rows, m, None, k).values())) for k in columns]
             lines.append(f"| {m} | {len(_by(rows, m, None, columns[0]))} | " + " | ".join(cells) + " |")
         lines.append("")
+        peaks = [f"peak/{k}" for k in PEAK_COLUMNS]
+        lines += ["## Over the run", "",
+                  "The most extreme value each diagnostic reached in any logging window of the run (for the content "
+                  "gap, the largest in magnitude), and the mean step it was logged at: a pattern the classifier "
+                  "catches up with fades before the end.", "",
+                  "| method | n | " + " | ".join(f"{v} (step)" for v in PEAK_COLUMNS.values()) + " |",
+                  "|---|---|" + "---|" * len(peaks)]
+        for m in learned:
+            cells = [f"{_mean_std(list(_by(rows, m, None, k).values()))} "
+                     f"({np.mean(list(_by(rows, m, None, k + '_step').values()) or [np.nan]):.0f})" for k in peaks]
+            lines.append(f"| {m} | {len(_by(rows, m, None, peaks[0]))} | " + " | ".join(cells) + " |")
+        lines.append("")
     return "\n".join(lines)
+
+
+PEAK_COLUMNS = {"kl_initial": "KL to step 0", "image_spread": "spread over images", "cell_spread": "spread over cells",
+                "content_gap": "content gap"}
+"""The diagnostics read over the whole run (their most extreme logged value): a pattern the classifier catches up with
+fades before the run ends (docs/budget-notes.md), so the last value alone can hide that the policy learned."""
+
+
+def diagnostics_over_run(metrics_path: Path) -> dict[str, float]:
+    """``peak/<name>``: the most extreme value of each :data:`PEAK_COLUMNS` diagnostic over a pretraining run's logged
+    windows (the largest, or for the content gap the largest in magnitude, with its sign), and ``peak/<name>_step``
+    the step it was logged at; empty for a run that logged no diagnostics."""
+    try:
+        lines = metrics_path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return {}
+    records = [json.loads(line) for line in lines if '"diagnostics/' in line]
+    out: dict[str, float] = {}
+    for name in PEAK_COLUMNS:
+        series = [(r["step"], r[f"diagnostics/{name}"]) for r in records if f"diagnostics/{name}" in r]
+        if series:
+            step, value = max(series, key=lambda sv: abs(sv[1]))
+            out[f"peak/{name}"], out[f"peak/{name}_step"] = value, step
+    return out
 
 
 def with_synthrad_option(spec: str, key: str, value: object) -> str:

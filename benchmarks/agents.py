@@ -76,7 +76,7 @@ class StepClock:
     def done(self) -> bool:
         return self.core.global_step >= self.total
 
-    def after_step(self, result: StepResult, scalars: dict[str, Any], grid: torch.Tensor | None) -> None:
+    def after_step(self, result: StepResult, scalars: dict[str, Any]) -> None:
         if self.core.global_step == self.warmup:
             self.start = self._now()
         elif self.core.global_step == self.total:

@@ -22,7 +22,7 @@ import sys
 from dataclasses import fields
 
 from agents.registry import algo_names
-from agents.study import Study, StudyConfig, bias_sweep
+from agents.study import BALANCED_BIAS, Study, StudyConfig, bias_sweep
 from classifiers.cli import fail_cleanly
 from classifiers.finetune import SCRATCH
 from classifiers.train import PRECISIONS
@@ -36,8 +36,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    f"(default: {' '.join(d.methods)})")
     p.add_argument("--seeds", nargs="+", type=int, help=f"paired seeds (default: {' '.join(map(str, d.seeds))})")
     p.add_argument("--pretrain-dataset", help=f"the pretraining task (default: {d.pretrain_dataset})")
-    p.add_argument("--targets", nargs="+", help="target tasks, DATASET or DATASET@K (default: the pretraining "
-                   f"task, synthrad:unseen and synthrad:unseen@{d.fewshot_k})")
+    p.add_argument("--targets", nargs="+", help="target tasks, [linear:]DATASET[@K] (default for synthrad, with the "
+                   "pretraining task's options: the task, synthrad:shifted, synthrad:unseen, "
+                   f"synthrad:unseen@{d.fewshot_k}, linear:synthrad:shifted and the task at modality_bias "
+                   f"{BALANCED_BIAS})")
     p.add_argument("--pretrain-only", action="store_true", help="no fine-tuning: report the heated models alone")
     p.add_argument("--modality-biases", nargs="+", type=float, help="pretrain on synthrad at each modality_bias "
                    "(pretraining only) and print the heated models' shortcut gap and shifted accuracy per bias")

@@ -17,7 +17,7 @@ from agents.runner import PretrainConfig, pretrain
 from classifiers.cli import add_common_arguments, fail_cleanly
 from classifiers.distributed import launch_rank
 from classifiers.models import ARCHITECTURES
-from envs.core import REWARDS, EnvConfig
+from envs.core import REWARD_FORWARDS, REWARD_REFERENCES, REWARDS, EnvConfig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -30,10 +30,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--blur-sigma", type=float, default=6.0, help="Gaussian sigma of the mask blur (pixels)")
     p.add_argument("--lr", type=float, default=0.1, help="classifier SGD learning rate")
     p.add_argument("--lr-step-epochs", type=int, default=30, help="classifier StepLR period (factor 0.1)")
-    p.add_argument("--reward", default="classifiable", choices=REWARDS, help="per-image reward (the *-budget algos: "
-                   "adversarial)")
+    p.add_argument("--reward", default=None, choices=REWARDS, help="per-image reward (default: classifiable; the "
+                   "*-budget algos: adversarial)")
     p.add_argument("--mask-budget", type=float, default=None, help="hold each mask's mean value at this budget in "
                    "(0, 1) (the *-budget algos: 0.5)")
+    p.add_argument("--reward-forward", default=None, choices=REWARD_FORWARDS,
+                   help="the forward pass the reward is read from: the training step's (default) or an extra "
+                        "eval-mode one, free of the BatchNorm coupling between images (the *-budget algos: eval)")
+    p.add_argument("--reward-reference", default=None, choices=REWARD_REFERENCES,
+                   help="subtract each image's reward under the constant mask at the budget (constant) or not "
+                        "(none, default; the *-budget algos: constant)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many classifier steps")
     p.add_argument("--log-every", type=int, default=10, help="steps between scalar logs")
     p.add_argument("--image-every", type=int, default=100, help="steps between mask image grids")
@@ -52,7 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--budget-concentration", type=float, default=None,
                    help="with a mask budget: the policy sets cell means held at the budget, each cell "
                    "Beta(k mu, k(1-mu)) (reinforce-budget: 2)")
-    r.add_argument("--normalize-advantage", action="store_true", default=None, help="normalise advantages")
+    r.add_argument("--normalize-advantage", action=argparse.BooleanOptionalAction, default=None,
+                   help="normalise advantages by the batch's standard deviation (reinforce-budget: on)")
     r.add_argument("--max-grad-norm", type=float, default=None, help="policy gradient clipping (0: off)")
     r.add_argument("--scale-classifier-loss", action="store_true", default=None,
                    help="with the official objective: multiply the classifier's loss by its log-sum-exp factor, "
@@ -75,11 +82,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+CHOSEN_ENV = ("reward", "mask_budget", "reward_forward", "reward_reference")
+"""Environment settings an algo may register (``agents.registry``): a value given on the command line stays."""
+
+
+def chosen_env(a: argparse.Namespace) -> frozenset[str]:
+    """The :data:`CHOSEN_ENV` settings given on the command line."""
+    return frozenset(k for k in CHOSEN_ENV if getattr(a, k) is not None)
+
+
 def config_from_args(a: argparse.Namespace) -> PretrainConfig:
+    given = {k: getattr(a, k) for k in chosen_env(a)}
     env = EnvConfig(dataset=a.dataset, classifier=a.classifier, batch_size=a.batch_size, image_size=a.image_size,
                     grid=a.grid, blur_kernel=a.blur_kernel, blur_sigma=a.blur_sigma, lr=a.lr,
-                    lr_step_epochs=a.lr_step_epochs, reward=a.reward, mask_budget=a.mask_budget, seed=a.seed,
-                    device=a.device, precision=a.precision, workers=a.workers, sync_bn=a.sync_bn)
+                    lr_step_epochs=a.lr_step_epochs, seed=a.seed, device=a.device, precision=a.precision,
+                    workers=a.workers, sync_bn=a.sync_bn, **given)
     agent = {k: getattr(a, k) for k in (
         "policy_lr", "objective", "param", "baseline", "budget_concentration", "entropy_coef", "normalize_advantage",
         "max_grad_norm", "scale_classifier_loss", "noise_std", "loss_scale", "n_steps", "n_epochs", "sb3_batch_size",
@@ -92,7 +109,8 @@ def config_from_args(a: argparse.Namespace) -> PretrainConfig:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     keep_length = args.epochs is None and args.max_steps is None
-    run_dir = pretrain(config_from_args(args), resume=args.resume, keep_saved_length=keep_length)
+    run_dir = pretrain(config_from_args(args), resume=args.resume, keep_saved_length=keep_length,
+                       chosen_env=chosen_env(args))
     if launch_rank() == 0:
         print(f"run folder: {run_dir}\nheated model: {run_dir / 'heated.pt'}\n"
               f"TensorBoard: tensorboard --logdir {run_dir.parent}")

@@ -139,19 +139,38 @@ def test_rewards_are_the_cross_entropies_they_name() -> None:
         torch.testing.assert_close(core.step(grid=grid).reward, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_the_environment_applies_the_budget_and_says_so(tmp_path: Path) -> None:
+@pytest.mark.parametrize("algo", ["reinforce-budget", "ppo-budget", "a2c-budget"])
+def test_the_environment_applies_the_budget_and_says_so(tmp_path: Path, algo: str) -> None:
     """A budgeted run records its settings, applies every grid at the budget (logged mask/mean), and its config.json
-    shows the agent defaults the name chose."""
+    shows the agent defaults the name chose. PPO and A2C reach the budgeted objective through the same environment."""
     run = tmp_path / "run"
-    argv = ["--algo", "reinforce-budget", "--dataset", "synthrad?n_train=96&n_val=24&n_test=24", "--image-size", "32",
-            "--grid", "8", "--blur-kernel", "5", "--blur-sigma", "2", "--batch-size", "16", "--max-steps", "4",
+    argv = ["--algo", algo, "--dataset", "synthrad?n_train=96&n_val=24&n_test=24", "--image-size", "32",
+            "--grid", "8", "--blur-kernel", "5", "--blur-sigma", "2", "--batch-size", "16", "--max-steps", "8",
             "--device", "cpu", "--log-every", "2", "--mask-budget", "0.3", "--run-dir", str(run)]
     assert pretrain.main(argv) == 0
     config = json.loads((run / "config.json").read_text())
     assert config["env"]["reward"] == "adversarial" and config["env"]["mask_budget"] == 0.3
-    assert config["agent"]["param"] == "softplus"
+    assert config["env"]["reward_forward"] == "eval" and config["env"]["reward_reference"] == "constant"
+    if algo == "reinforce-budget":
+        assert config["agent"]["param"] == "softplus"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "mask/mean" in line]
     assert all(r["mask/mean"] == pytest.approx(0.3, abs=1e-5) for r in rows)
+
+
+def test_flags_the_user_gives_stay_even_at_their_defaults(tmp_path: Path) -> None:
+    """``--reward-forward train --reward-reference none --reward classifiable --no-normalize-advantage`` with
+    reinforce-budget: the run uses what was asked, though each is the default the algo would otherwise replace."""
+    run = tmp_path / "run"
+    argv = ["--algo", "reinforce-budget", "--dataset", "synthrad?n_train=96&n_val=24&n_test=24", "--image-size", "32",
+            "--grid", "8", "--blur-kernel", "5", "--blur-sigma", "2", "--batch-size", "16", "--max-steps", "2",
+            "--device", "cpu", "--reward", "classifiable", "--reward-forward", "train", "--reward-reference", "none",
+            "--no-normalize-advantage", "--run-dir", str(run)]
+    assert pretrain.main(argv) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert (config["env"]["reward"], config["env"]["reward_forward"], config["env"]["reward_reference"],
+            config["env"]["mask_budget"]) == ("classifiable", "train", "none", 0.5)
+    assert config["agent"]["normalize_advantage"] is False
+    assert environment_for("reinforce-budget", EnvConfig(), chosen=("reward_forward",)).reward_forward == "train"
 
 
 # --- learning with a live classifier --------------------------------------------------------------------------------

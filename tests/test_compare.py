@@ -129,7 +129,10 @@ def test_targets_and_methods_are_checked() -> None:
     assert parse_target("synthrad:unseen?n_train=60@10") == ("synthrad:unseen?n_train=60", 10)
     assert parse_target("imagefolder:/data/x") == ("imagefolder:/data/x", None)
     assert StudyConfig(pretrain_dataset="synthrad?seed=1", fewshot_k=5).resolved_targets() == (
-        "synthrad?seed=1", "synthrad:unseen?seed=1", "synthrad:unseen?seed=1@5")
+        "synthrad?seed=1", "synthrad:shifted?seed=1", "synthrad:unseen?seed=1", "synthrad:unseen?seed=1@5",
+        "linear:synthrad:shifted?seed=1", "synthrad?seed=1&modality_bias=0.3333")
+    assert StudyConfig(pretrain_dataset="imagefolder:/data/x").resolved_targets() == (
+        "imagefolder:/data/x", "imagefolder:/data/x@10")
     with pytest.raises(ValueError, match="after '@'"):
         parse_target("synthrad@ten")
     with pytest.raises(ValueError, match="unknown method 'dqn'"):
@@ -163,7 +166,31 @@ def test_linear_probe_targets() -> None:
     assert parse_target("linear:synthrad:shifted@5") == ("synthrad:shifted", 5)
     assert target_folder("linear:synthrad:shifted?n_train=96") == "synthrad-shifted-linear"
     assert target_label("linear:synthrad:shifted") == "synthrad:shifted, linear probe"
+    # a modality-balanced target is another task than the pretraining one: its own folder and label
+    assert target_folder("synthrad?n_train=96&modality_bias=0.3333") == "synthrad-bias0.3333"
+    assert target_folder("synthrad?n_train=96") == "synthrad"
+    assert target_label("synthrad?modality_bias=0.3333@5") == "synthrad (modality_bias 0.3333) (K=5)"
     cfg = StudyConfig(probe_lr=0.3, targets=("linear:synthrad:shifted", "synthrad:shifted"))
     probe, full = (cfg.finetune_config("x/heated.pt", t, 0) for t in cfg.targets)
     assert (probe.linear_probe, probe.lr, probe.dataset) == (True, 0.3, "synthrad:shifted")
     assert (full.linear_probe, full.lr) == (False, cfg.finetune_lr)
+
+
+def test_diagnostics_over_the_run_keep_the_extreme_value_and_its_step(tmp_path: Path) -> None:
+    """A pattern that fades before the end shows in ``peak/*``: the largest value (the content gap: in magnitude, with
+    its sign) over the logged windows, and its step."""
+    from agents.study import diagnostics_over_run
+
+    path = tmp_path / "metrics.jsonl"
+    records = [{"step": 10, "train/loss": 2.0},
+               {"step": 20, "diagnostics/kl_initial": 0.5, "diagnostics/content_gap": -0.40,
+                "diagnostics/image_spread": 0.2},
+               {"step": 40, "diagnostics/kl_initial": 3.0, "diagnostics/content_gap": 0.10,
+                "diagnostics/image_spread": 0.1},
+               {"step": 60, "diagnostics/kl_initial": 0.2, "diagnostics/content_gap": 0.01,
+                "diagnostics/image_spread": 0.0}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    peaks = diagnostics_over_run(path)
+    assert peaks == {"peak/kl_initial": 3.0, "peak/kl_initial_step": 40, "peak/content_gap": -0.40,
+                     "peak/content_gap_step": 20, "peak/image_spread": 0.2, "peak/image_spread_step": 20}
+    assert diagnostics_over_run(tmp_path / "missing.jsonl") == {}

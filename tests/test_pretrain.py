@@ -17,7 +17,7 @@ from classifiers.heated import FORMAT, load_heated
 from classifiers.models import build_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
-SB3_ALGOS = {"ppo", "a2c"}
+SB3_ALGOS = {"ppo", "a2c", "ppo-budget", "a2c-budget"}
 """Covered by tests/test_sb3.py."""
 ALGOS = [a for a in algo_names() if a not in SB3_ALGOS]
 COMMON_SCALARS = {"train/loss", "train/accuracy", "train/lr", "train/epoch", "reward/mean", "reward/std",

@@ -251,11 +251,9 @@ class MeanSign(nn.Module):
         return torch.stack([s, -s], 1)
 
 
-def learn_sign(seed: int, steps: int = 600, diagnose: bool = False, **agent_options) -> tuple[Any, Any]:
-    """REINFORCE on the sign task with the fixed classifier; return the policy's mean mask value per cell on
-    held-out images, (G, G), before and after training (with ``diagnose``: the policy diagnostics of
-    ``agents.diagnostics`` on those images instead)."""
-    torch.manual_seed(seed)
+def sign_core(seed: int) -> tuple[PretrainCore, DataSpec]:
+    """The sign task's environment, reset, with the fixed :class:`MeanSign` classifier (it never trains), and its
+    data (held-out images in the ``val`` split)."""
     data = DataSpec("sign", ["above", "below"], 1, SIZE, {"train": sign_split(512, 1), "val": sign_split(64, 2)})
     cfg = EnvConfig(dataset="sign", classifier="smallcnn", batch_size=32, image_size=SIZE, grid=GRID,
                     blur_kernel=1, device="cpu", seed=seed)
@@ -264,6 +262,15 @@ def learn_sign(seed: int, steps: int = 600, diagnose: bool = False, **agent_opti
     core.cfg.lr = 0.0  # fixed: the classifier's schedule reads cfg.lr at every epoch start
     core.optimizer = torch.optim.SGD(core.classifier.parameters(), lr=0.0)
     core.reset()
+    return core, data
+
+
+def learn_sign(seed: int, steps: int = 600, diagnose: bool = False, **agent_options) -> tuple[Any, Any]:
+    """REINFORCE on the sign task with the fixed classifier; return the policy's mean mask value per cell on
+    held-out images, (G, G), before and after training (with ``diagnose``: the policy diagnostics of
+    ``agents.diagnostics`` on those images instead)."""
+    torch.manual_seed(seed)
+    core, data = sign_core(seed)
     agent = Reinforce(**agent_options)
     agent.bind(core, steps)
     held_out = data.splits["val"].images

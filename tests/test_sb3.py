@@ -16,6 +16,7 @@ from pretrain import main as pretrain_main
 from stable_baselines3 import A2C, PPO
 from stable_baselines3.common.vec_env import DummyVecEnv
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_reinforce import halves, sign_core
 
 from agents.policy import CONC_MAX, CONC_MIN, SAMPLE_EPS
 from agents.registry import AGENTS, make_agent
@@ -25,8 +26,10 @@ from agents.sb3 import (
     MaskFeaturesExtractor,
     SB3Agent,
     SpatialBetaHead,
+    SpatialValueHead,
     beta_concentration,
 )
+from classifiers.checkpoint import seed_everything
 from classifiers.io import load_tensors
 from classifiers.train import NonFiniteError
 from envs.core import EnvConfig, PretrainCore
@@ -265,7 +268,7 @@ def test_checkpoints_wait_for_rollout_boundaries(synthrad_spec: str) -> None:
         def done(self) -> bool:
             return core.global_step >= 10
 
-        def after_step(self, result, scalars, grid) -> None:
+        def after_step(self, result, scalars) -> None:
             assert not agent.checkpoint_ready()
             with pytest.raises(RuntimeError, match="between rollouts"):
                 agent.state_dict()
@@ -294,15 +297,46 @@ def test_options_are_registered_and_checked(synthrad_spec: str) -> None:
     assert (m.n_steps, m.n_epochs, m.batch_size, m.clip_range(1), m.gamma, m.gae_lambda, m.ent_coef, m.vf_coef) == (
         4, 2, 8, 0.1, 0.9, 0.8, 0.01, 0.25)
     assert m.policy.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
-    assert make_agent("ppo", {"n_steps": 8}).algorithm_kwargs(32)["batch_size"] == 64  # a quarter of the rollout
-    assert make_agent("a2c").cfg.policy_lr == pytest.approx(7e-4)  # stable-baselines3's A2C default
-    for bad, match in [({"n_steps": 0}, "n_steps"), ({"gamma": 1.5}, "gamma"), ({"policy_lr": 0.0}, "policy_lr"),
+    assert make_agent("ppo", {"n_steps": 8}).algorithm_kwargs(32, 16)["batch_size"] == 64  # a quarter of the rollout
+    for bad, match in [({"n_steps": 0}, "n_steps"), ({"gamma": 1.5}, "gamma"), ({"policy_lr": 0.0}, "policy learning rate 0.0"),
                        ({"sb3_batch_size": 1}, "sb3_batch_size"), ({"clip_range": 0.0}, "clip_range")]:
         with pytest.raises(ValueError, match=match):
             make_agent("ppo", bad)
     core.distributed = True
     with pytest.raises(ValueError, match="torchrun"):
         make_agent("a2c").bind(core, 8)
+
+
+def test_defaults_bound_ppo_per_cell_and_give_a2c_a_larger_step(synthrad_spec: str) -> None:
+    """PPO: no clip on the joint ratio, a KL early stop of 0.002 per cell (0.032 for 4 x 4 cells); A2C: RMSprop at
+    lr 3e-3; both: a per-cell critic (see the module docstring for why)."""
+    core = PretrainCore(EnvConfig(dataset=synthrad_spec, classifier="smallcnn", batch_size=8, image_size=32, grid=4,
+                                  device="cpu"))
+    ppo, a2c = make_agent("ppo"), make_agent("a2c")
+    ppo.bind(core, 8)
+    a2c.bind(core, 8)
+    assert ppo.model.clip_range(1) == math.inf and ppo.model.target_kl == pytest.approx(0.002 * 16)
+    assert isinstance(ppo.model.policy.optimizer, torch.optim.Adam)
+    optimizer = a2c.model.policy.optimizer
+    assert isinstance(optimizer, torch.optim.RMSprop) and optimizer.param_groups[0]["lr"] == pytest.approx(3e-3)
+    for agent in (ppo, a2c):
+        assert isinstance(agent.model.policy.value_net, SpatialValueHead)
+    ppo = make_agent("ppo", {"clip_range": 0.2, "target_kl_per_cell": 0.0})  # stable-baselines3's own PPO
+    ppo.bind(core, 8)
+    assert ppo.model.clip_range(1) == 0.2 and ppo.model.target_kl is None
+    with pytest.raises(ValueError, match="target_kl_per_cell"):
+        make_agent("ppo", {"target_kl_per_cell": -0.1})
+
+
+def test_critic_is_the_mean_of_a_per_cell_value() -> None:
+    torch.manual_seed(0)
+    policy = BetaActorCriticPolicy(*_spaces(32, 4), lambda _: 3e-4)
+    obs = torch.randint(0, 256, (3, 1, 32, 32), dtype=torch.uint8)
+    head = policy.value_net
+    features = policy.extract_features(obs.float())
+    cells = torch.einsum("nchw,c->nhw", features.view(3, -1, 4, 4), head.conv.weight.flatten()) + head.conv.bias
+    torch.testing.assert_close(policy.predict_values(obs.float()), cells.mean((1, 2))[:, None])
+    assert sum(p.numel() for p in head.parameters()) == head.channels + 1
 
 
 def test_policy_convolutions_are_channels_last_after_stable_baselines3_initialisation() -> None:
@@ -329,3 +363,111 @@ def test_parameters_round_trip_through_a_vector_keeping_channels_last() -> None:
         assert torch.equal(pa, pb) and pb.stride() == pa.stride()
     with pytest.raises(ValueError, match="parameters_to_vector"):
         b.load_from_vector(vec[:-1])
+
+
+def test_mask_distribution_is_the_distribution_a_step_samples_from(synthrad_spec: str) -> None:
+    """``SB3Agent.mask_distribution`` gives, for the images of a step, the per-cell Beta that step's masks were drawn
+    from (B, G, G), without gradient, random draws, or any change to the policy, its mode or its logged distribution."""
+    agent = make_agent("ppo", {"n_steps": 4, "n_epochs": 1})
+    core = PretrainCore(EnvConfig(dataset=synthrad_spec, classifier="smallcnn", batch_size=8, image_size=32, grid=4,
+                                  device="cpu"))
+    agent.bind(core, 8)
+    core.reset(seed=0)
+    policy = agent.model.policy
+    with torch.no_grad():  # image-dependent concentrations away from 1, so a mismatch would show
+        for p in policy.action_net.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    checked: list[int] = []
+
+    class Runner:
+        run_dir = None
+
+        def done(self) -> bool:
+            return core.global_step >= 8
+
+        def after_step(self, result, scalars) -> None:
+            acted = policy.action_dist.distribution
+            params = [p.detach().clone() for p in policy.parameters()]
+            rng, training = torch.get_rng_state(), policy.training
+            dist = agent.mask_distribution(core.stepped_images)
+            assert isinstance(dist, torch.distributions.Beta) and dist.batch_shape == (8, 4, 4)
+            torch.testing.assert_close(dist.concentration1, acted.concentration1.view(8, 4, 4), rtol=1e-6, atol=0)
+            torch.testing.assert_close(dist.concentration0, acted.concentration0.view(8, 4, 4), rtol=1e-6, atol=0)
+            assert dist.concentration1.std() > 0.01 and not dist.concentration1.requires_grad
+            assert policy.action_dist.distribution is acted and policy.training == training
+            assert torch.equal(torch.get_rng_state(), rng)
+            assert all(torch.equal(a, b) for a, b in zip(params, policy.parameters()))
+            checked.append(core.global_step)
+
+        def save_pending_checkpoint(self, force: bool = False) -> None:
+            pass
+
+    agent.learn(Runner())
+    assert checked == list(range(1, 9))  # both rollouts, before and after an update
+    policy.set_training_mode(True)
+    agent.mask_distribution(core.images)
+    assert policy.training  # the mode it was called in is restored
+
+
+# --- a task where the best mask is known (tests/test_reinforce.py's sign task) -----------------------------------
+
+
+class QuietRunner:
+    """What an agent's ``learn`` needs from a runner: when to stop. Nothing is logged or saved."""
+
+    run_dir = None
+
+    def __init__(self, core: PretrainCore, steps: int) -> None:
+        self.core, self.steps = core, steps
+
+    def done(self) -> bool:
+        return self.core.global_step >= self.steps
+
+    def after_step(self, result, scalars) -> None:
+        pass
+
+    def save_pending_checkpoint(self, force: bool = False) -> None:
+        pass
+
+
+def learn_sign_sb3(algo: str, seed: int, steps: int, **agent_options) -> tuple[torch.Tensor, torch.Tensor]:
+    """``algo`` with its defaults on the sign task of tests/test_reinforce.py (a fixed classifier; the best mask
+    keeps the top half and removes the bottom half); return the policy's mean mask value per cell on held-out
+    images, (G, G), before and after training."""
+    seed_everything(seed)  # stable-baselines3 draws its minibatch order from numpy's global generator
+    core, data = sign_core(seed)
+    agent = make_agent(algo, agent_options)
+    agent.bind(core, steps)
+    held_out = data.splits["val"].images
+    start = agent.mask_distribution(held_out).mean.mean(0)
+    agent.learn(QuietRunner(core, steps))
+    return start, agent.mask_distribution(held_out).mean.mean(0)
+
+
+@pytest.mark.parametrize("learning", ["on", "off"])
+@pytest.mark.parametrize(("algo", "steps"), [("ppo", 300), ("a2c", 600)])
+def test_sb3_learns_to_keep_the_informative_half(algo: str, steps: int, learning: str) -> None:
+    """With the defaults, the policy's mean mask value alpha / (alpha + beta) on held-out images ends high on the
+    informative top half and low on the bottom half, as our REINFORCE's does
+    (tests/test_reinforce.py::test_reinforce_learns_to_keep_the_informative_half).
+
+    On one thread, seeds 0-2: PPO after 300 steps, top half 0.948, 0.937, 0.950 and differences of 0.473, 0.495,
+    0.491 between the halves (rows 0 and 3: 0.96/0.14, 0.96/0.17, 0.97/0.16); A2C after 600 steps, top half
+    0.945, 0.961, 0.948, differences 0.569, 0.544, 0.497 (rows 0 and 3: 0.95/0.25, 0.96/0.08, 0.93/0.33). With the
+    policy's learning rate at 1e-12 the mask stays at 0.50 everywhere and the test fails. It failed too with the
+    defaults before PPO's per-cell bound and A2C's larger step: PPO's rows 0 and 3 ended 0.46 apart (seeds 1 and
+    2: 0.49, 0.54), A2C's halves 0.29 (0.24, 0.18).
+    """
+    options = {"policy_lr": 1e-12} if learning == "off" else {}
+    start, end = learn_sign_sb3(algo, seed=0, steps=steps, **options)
+    top, bottom = halves(end)
+    rows = end.mean(1)
+    print(f"{algo}: mean mask value: top {top:.3f}, bottom {bottom:.3f}, difference {top - bottom:.3f} "
+          f"(at the start {halves(start)[0] - halves(start)[1]:.3f}); by row {[round(v, 3) for v in rows.tolist()]}")
+    assert abs(halves(start)[0] - halves(start)[1]) < 0.02
+    learned = (top > 0.85 and top - bottom > 0.3  # the informative half kept, by a margin over the other
+               and rows[-1] < 0.4 and rows[0] - rows[-1] > 0.5)  # the rows farthest apart: kept, and removed
+    if learning == "on":
+        assert learned
+    else:  # the same margins fail, and nothing moved
+        assert not learned and (end - start).abs().max() < 0.01
