@@ -105,8 +105,9 @@ class ReinforceConfig:
                              "or none-scaled for plain training at a fixed loss scale")
         if self.param not in PARAMS:
             raise ValueError(f"unknown policy parameterisation {self.param!r}; use one of {', '.join(PARAMS)}")
-        if self.policy_lr is not None and not self.policy_lr > 0:
-            raise ValueError(f"policy learning rate {self.policy_lr} must be positive")
+        if self.policy_lr is not None and not (self.policy_lr > 0 and math.isfinite(self.policy_lr)):
+            raise ValueError(f"policy learning rate {self.policy_lr} must be a positive finite number (default: the "
+                             "classifier's lr / 10)")
         if self.baseline not in BASELINES:
             raise ValueError(f"unknown baseline {self.baseline!r}; use one of {', '.join(BASELINES)}")
         if not 0 <= self.baseline_momentum < 1:

@@ -23,7 +23,9 @@ def add_common_arguments(p: argparse.ArgumentParser, default_dataset: str | None
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="the classifier's arithmetic: bf16 autocast or fp32; auto: bf16 on a GPU that computes it "
                         "natively and on a CPU with AMX, fp32 elsewhere")
-    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    p.add_argument("--workers", type=int, default=None,
+                   help="data-loading worker processes (default: 0 for data in memory or in the image cache; "
+                        "for images decoded every epoch, half the cores, at most 8, none below 4 cores)")
     p.add_argument("--run-dir", default=None, help="run folder (default: a new folder under runs/)")
 
 

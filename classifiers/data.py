@@ -10,15 +10,33 @@ Dataset specifications (``--dataset``):
   optionally ``PATH/test/<class>/*``; any image Pillow reads, grayscale or colour.
 - ``medmnist:PATH.npz``: MedMNIST's arrays ``train_images``, ``train_labels``, ``val_*``, ``test_*``.
 
-Augmentation (training only) is torchvision's RandomResizedCrop and RandomHorizontalFlip on uint8
-tensors. Each sample's augmentation is seeded from (seed, epoch, index), so a run is reproducible
-whatever the number of workers, and a resumed run sees exactly the batches it would have seen.
+Image files. torchvision.io (libjpeg-turbo, libpng) decodes JPEG and PNG files; Pillow the other formats (TIFF,
+BMP, GIF, WebP, PPM) and what torchvision.io would read differently (CMYK JPEG, 16-bit colour PNG); both give the
+same pixels where both read a file. A dataset has one channel count: ``channels``, else the first training image's
+(grayscale, 1-bit, palette and 16-bit images count as 1, others as 3). Every file is converted to it as Pillow's
+``convert`` does (alpha dropped, colour to grayscale by ITU-R 601-2 luma), 16-bit and float images stretched from
+their own minimum to maximum, then resized, its shorter side to the image size, and centre-cropped to a square:
+the *stored image*, what evaluation sees and what training augments. Stored images are cached on disk
+(:mod:`classifiers.imagecache`), so each file is decoded once, not once per epoch; building the cache is also
+the check that every file can be read. Without the cache a file is checked when it is first read. Empty,
+damaged and unrecognised files, broken or looping symbolic links and the files Pillow flags as possible
+decompression bombs (more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels) are refused with a :class:`DataError` that
+names the file.
+
+Augmentation (training only) is torchvision's RandomResizedCrop and RandomHorizontalFlip on the uint8 stored
+image. Each sample's augmentation is seeded from (seed, epoch, index), so a run is reproducible whatever the
+number of workers, with or without the image cache, and a resumed run sees exactly the batches it would have
+seen.
 """
 
 from __future__ import annotations
 
+import io
 import math
+import os
+import warnings
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from urllib.parse import parse_qsl
@@ -27,8 +45,10 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.io import ImageReadMode, decode_image  # deprecated since 0.29 for TorchCodec, not yet removed
 from torchvision.transforms import v2
 
+from classifiers.imagecache import CachedImages, open_or_build
 from classifiers.synthrad import SynthRadConfig, class_names, load_synthrad, preferred_modality
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".ppm", ".pgm"}
@@ -37,10 +57,29 @@ SYNTHRAD_SPLITS = ("train", "val", "test", "shifted")
 class. ``synthrad:shifted`` makes it the test split."""
 CROP_SCALE = (0.6, 1.0)
 """RandomResizedCrop's area range; narrower than torchvision's default so small lesions survive."""
+GRAY_MODES = ("L", "1", "P", "LA")
+"""Pillow modes read as grayscale unless colour is asked for (besides the 16-bit and float modes ``I*``, ``F*``)."""
+TORCHVISION_MODES = {
+    "JPEG": {"L", "RGB"},
+    "PNG": {"1", "L", "LA", "RGB", "RGBA", "P", "I", "I;16", "I;16B"},
+}
+"""The formats and Pillow modes torchvision.io decodes to the pixels Pillow gives; others are read by Pillow."""
+MAX_WORKERS = 8
+"""The most DataLoader workers chosen automatically for training and evaluation."""
+MIN_CORES_FOR_WORKERS = 4
+"""Fewer cores per process than this: images are decoded in the process itself (see :func:`auto_workers`)."""
+BUILD_BATCH = 64
+"""Images a worker decodes per batch while the image cache is built."""
 
 
 class DataError(ValueError):
     """The data given cannot be used; the message names the problem and the fix."""
+
+    def __init__(self, message: str) -> None:
+        if message.startswith(f"Caught {type(self).__name__} in DataLoader worker"):
+            # A DataLoader re-raises a worker's error with the worker's traceback; its last line is the message
+            message = message.rstrip().splitlines()[-1].partition(": ")[2]
+        super().__init__(message)
 
 
 @dataclass
@@ -54,6 +93,8 @@ class ImageSource:
     """Each image's modality index, where the data knows it (synthrad)."""
     regions: torch.Tensor | None = None
     """Each image's region map (N, H, W) uint8: 0 background, 1 anatomy, 2 lesion, where the data knows it."""
+    cached: CachedImages | None = None
+    """The files' stored images in the image cache, when it holds them (:mod:`classifiers.imagecache`)."""
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -98,6 +139,13 @@ def _to_channels(img: torch.Tensor, channels: int) -> torch.Tensor:
     if c == 1:
         return img.expand(*img.shape[:-3], channels, *img.shape[-2:]).contiguous()
     raise DataError(f"cannot convert {c}-channel images to {channels} channels; use 1 or 3")
+
+
+def _fit(img: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize uint8 (C, H, W) so its shorter side is ``size`` and centre-crop it to ``size`` x ``size``."""
+    if img.shape[-2:] == (size, size):
+        return img
+    return v2.functional.center_crop(v2.functional.resize(img, [size], antialias=True), [size, size])
 
 
 def _resize_all(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -202,7 +250,7 @@ def _load_medmnist(spec: str, image_size: int | None) -> DataSpec:
     return DataSpec(f"medmnist:{path.name}", [str(i) for i in range(num_classes)], channels, size, splits)
 
 
-def _load_imagefolder(spec: str, image_size: int | None) -> DataSpec:
+def _load_imagefolder(spec: str, image_size: int | None, channels: int | None, cache: bool) -> DataSpec:
     root = Path(spec[len("imagefolder:"):]).expanduser()
     if not root.is_dir():
         raise DataError(f"dataset {spec!r}: folder {root} does not exist; give a folder holding train/ and val/")
@@ -225,7 +273,8 @@ def _load_imagefolder(spec: str, image_size: int | None) -> DataSpec:
             if sub.name not in index:
                 raise DataError(f"dataset {spec!r}: class folder {sub} has no counterpart in {root / 'train'}; "
                                 "every class must appear in train/")
-            imgs = sorted(p for p in sub.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            # Not only is_file(): a broken or looping symbolic link named like an image is refused when read
+            imgs = sorted(p for p in sub.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
             if not imgs:
                 raise DataError(f"dataset {spec!r}: class folder {sub} holds no images "
                                 f"(suffixes {sorted(IMAGE_SUFFIXES)}); add images or remove the folder")
@@ -234,10 +283,18 @@ def _load_imagefolder(spec: str, image_size: int | None) -> DataSpec:
         if not files:
             raise DataError(f"dataset {spec!r}: {folder} has no class folders with images")
         splits[split] = ImageSource(labels=np.array(labels, dtype=np.int64), files=files)
-    first = _read_image(splits["train"].files[0], None)
-    channels = first.shape[0]
-    size = image_size or min(first.shape[-2:])
-    return DataSpec(f"imagefolder:{root.name}", classes, channels, size, splits)
+    first = splits["train"].files[0]
+    with _open_image(first, _read_bytes(first)) as im:
+        own_channels, (width, height) = _mode_channels(im.mode), im.size
+    if image_size is None and min(width, height) < 8:
+        raise DataError(f"dataset {spec!r}: the first training image {first} is {width} x {height} px, too small to "
+                        "set the image size; give the image size (--image-size 8 or more)")
+    data = DataSpec(f"imagefolder:{root.name}", classes, channels or own_channels, image_size or min(width, height),
+                    splits)
+    if cache:
+        for split, source in splits.items():
+            source.cached = _cache_split(source.files, data, f"{root.name} {split}", f"{root.resolve() / split}")
+    return data
 
 
 def _stretch_to_uint8(arr: np.ndarray) -> np.ndarray:
@@ -251,25 +308,105 @@ def _stretch_to_uint8(arr: np.ndarray) -> np.ndarray:
     return np.round((arr - lo) * (255.0 / (hi - lo))).astype(np.uint8)
 
 
-def _read_image(path: Path, channels: int | None) -> torch.Tensor:
-    """Read one image file as uint8 (C, H, W); grayscale stays 1 channel unless ``channels`` says otherwise."""
+def _unreadable(path: Path, exc: BaseException | str) -> DataError:
+    reason = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
+    return DataError(f"cannot read image {path} ({reason}); replace or remove the file")
+
+
+def _read_bytes(path: Path) -> bytearray:
     try:
-        with Image.open(path) as im:
+        data = bytearray(path.read_bytes())  # writable, as torch.frombuffer wants
+    except OSError as exc:  # a looping or dangling symbolic link, a folder named like an image, no permission
+        raise _unreadable(path, f"{type(exc).__name__}: {exc.strerror or exc}") from None
+    if not data:
+        raise _unreadable(path, "the file is empty, 0 bytes")
+    return data
+
+
+def _open_image(path: Path, data: bytearray) -> Image.Image:
+    """Pillow's view of ``data`` (header only); decompression bombs and unrecognised files are refused."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise _unreadable(path, "not an image format Pillow or torchvision.io reads") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise _unreadable(path, f"a possible decompression bomb: {exc}") from None
+    except Exception as exc:  # Pillow raises many types for damaged headers
+        raise _unreadable(path, exc) from None
+
+
+def _mode_channels(mode: str) -> int:
+    """The channel count a Pillow mode is read as when the caller does not ask for one."""
+    return 1 if mode in GRAY_MODES or mode.startswith(("I", "F")) else 3
+
+
+def _to_gray(rgb: torch.Tensor) -> torch.Tensor:
+    """uint8 (3, H, W) to (1, H, W) by Pillow's ``convert("L")`` (ITU-R 601-2 luma in 16-bit fixed point), so a file
+    reads the same through torchvision.io as through Pillow; torchvision.io's images are (H, W, 3) in memory."""
+    gray = Image.fromarray(rgb.permute(1, 2, 0).numpy()).convert("L")
+    return torch.from_numpy(np.array(gray)).unsqueeze(0)
+
+
+def _decoded_to_channels(img: torch.Tensor, channels: int) -> torch.Tensor | None:
+    """torchvision.io's (C, H, W) image as ``channels`` uint8 channels, as Pillow would read the file; None for what
+    Pillow reads differently (16-bit colour)."""
+    if img.dtype != torch.uint8:
+        if img.shape[0] != 1:
+            return None
+        gray = torch.from_numpy(_stretch_to_uint8(img[0].numpy().astype(np.float64))).unsqueeze(0)
+        return gray.expand(channels, -1, -1).contiguous()
+    if img.shape[0] in (2, 4):  # alpha
+        img = img[:-1]
+    if img.shape[0] == channels:
+        return img
+    return _to_gray(img) if channels == 1 else img.expand(3, -1, -1).contiguous()
+
+
+def _read_image(path: Path, channels: int | None) -> torch.Tensor:
+    """Read one image file as uint8 (C, H, W); grayscale stays 1 channel unless ``channels`` says otherwise.
+
+    torchvision.io decodes the JPEG and PNG files of :data:`TORCHVISION_MODES`; Pillow everything else, and what
+    torchvision.io fails on (so the error names Pillow's reason). See the module docstring.
+    """
+    data = _read_bytes(path)
+    with _open_image(path, data) as im:
+        channels = channels or _mode_channels(im.mode)
+        if im.mode in TORCHVISION_MODES.get(im.format, ()):
+            mode = ImageReadMode.RGB if im.mode == "P" else ImageReadMode.UNCHANGED  # palette: its colours
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points to TorchCodec
+                    img = decode_image(torch.frombuffer(data, dtype=torch.uint8), mode=mode)
+                img = _decoded_to_channels(img, channels)
+            except RuntimeError:  # a file libjpeg or libpng rejects, or a torchvision built without them
+                img = None
+            if img is not None:
+                return img
+        try:
             im.load()
             if im.mode.startswith(("I", "F")):
                 arr = _stretch_to_uint8(np.asarray(im, dtype=np.float64))
                 if channels == 3:
                     arr = np.repeat(arr[..., None], 3, axis=2)
             else:
-                mode = "L" if im.mode in ("L", "1", "P", "LA") and channels != 3 else "RGB"
-                if channels == 1:
-                    mode = "L"
-                arr = np.asarray(im.convert(mode))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"cannot read image {path} ({type(exc).__name__}: {exc}); replace or remove the file") \
-            from None
+                arr = np.asarray(im.convert("L" if channels == 1 else "RGB"))
+        except Exception as exc:  # Pillow raises many types for damaged files
+            raise _unreadable(path, exc) from None
     t = torch.from_numpy(arr.copy())
     return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
+
+
+def stored_image(path: Path, size: int, channels: int) -> torch.Tensor:
+    """The image a file stands for in a dataset of ``size`` px and ``channels`` channels: read, resized so its
+    shorter side is ``size``, centre-cropped to a square; uint8 (channels, size, size). The image cache holds these."""
+    img = _read_image(path, channels)
+    height, width = img.shape[-2:]
+    if size * size * max(height, width) / min(height, width) > Image.MAX_IMAGE_PIXELS:
+        # resized before the crop, a strip of pixels would become a decompression bomb of its own
+        raise _unreadable(path, f"{width} x {height} px is too elongated to resize to {size} px; crop the image")
+    return _fit(img, size)
 
 
 def load_dataset(
@@ -278,7 +415,7 @@ def load_dataset(
     channels: int | None = None,
     train_per_class: int | None = None,
     seed: int = 0,
-    check_files: bool = True,
+    cache: bool = True,
 ) -> DataSpec:
     """Load a dataset by specification.
 
@@ -288,7 +425,8 @@ def load_dataset(
         channels: convert images to this many channels (None: the data's own).
         train_per_class: keep at most this many training images per class (few-shot), chosen by ``seed``.
         seed: selects the few-shot subset.
-        check_files: open every image file once, so an unreadable one is reported before training.
+        cache: keep an image folder's stored images in the image cache (:mod:`classifiers.imagecache`; also off when
+            ``NOISEMASK_IMAGE_CACHE=0``), building it on first use. Without it, each file is checked when first read.
     """
     if not isinstance(spec, str) or not spec:
         raise DataError(f"dataset {spec!r} is empty; use synthrad, imagefolder:PATH or medmnist:PATH.npz")
@@ -297,7 +435,7 @@ def load_dataset(
     if spec.startswith("synthrad"):
         data = _load_synthrad(spec, image_size)
     elif spec.startswith("imagefolder:"):
-        data = _load_imagefolder(spec, image_size)
+        data = _load_imagefolder(spec, image_size, channels, cache)
     elif spec.startswith("medmnist:"):
         data = _load_medmnist(spec, image_size)
     else:
@@ -312,20 +450,46 @@ def load_dataset(
         if train_per_class < 1:
             raise DataError(f"train_per_class={train_per_class} must be at least 1")
         data.splits["train"] = few_shot(data.splits["train"], train_per_class, seed)
-    if check_files:
-        for name, s in data.splits.items():
-            for f in s.files:
-                _verify_image(f, name)
     return data
 
 
-def _verify_image(path: Path, split: str) -> None:
+class _StoredImages(Dataset):
+    """A split's stored images in file order, for the cache's build. A file that cannot be read gives a blank image
+    and its one-line message, so the build stops on it with that message whatever process read it."""
+
+    def __init__(self, files: list[Path], size: int, channels: int) -> None:
+        self.files, self.size, self.channels = files, size, channels
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+        try:
+            return stored_image(self.files[i], self.size, self.channels), ""
+        except DataError as exc:
+            return torch.zeros(self.channels, self.size, self.size, dtype=torch.uint8), str(exc)
+
+
+def _cache_split(files: list[Path], data: DataSpec, name: str, origin: str) -> CachedImages | None:
+    """Open or build the image cache of one split (None: read the files; see :mod:`classifiers.imagecache`)."""
+    stored = _StoredImages(files, data.image_size, data.in_channels)
+
+    def images() -> Iterator[torch.Tensor]:
+        # Nothing else runs while the cache is built (the machine's other processes wait for it): every core
+        # decodes, on machines where workers pay (see auto_workers). In batches: handing over one image from a
+        # worker costs more than a copy.
+        cores = available_cores(shared=False)
+        workers = cores if cores >= MIN_CORES_FOR_WORKERS and len(files) >= BUILD_BATCH * cores else 0
+        for batch, errors in DataLoader(stored, batch_size=BUILD_BATCH, num_workers=workers):
+            for error in errors:
+                if error:
+                    raise DataError(error)
+            yield from batch
+
     try:
-        with Image.open(path) as im:
-            im.verify()
-    except Exception as exc:  # Pillow raises many types for damaged files
-        raise DataError(f"cannot read image {path} in split {split} ({type(exc).__name__}: {exc}); "
-                        "replace or remove the file") from None
+        return open_or_build(files, data.image_size, data.in_channels, name, origin, images)
+    except OSError as exc:  # stat'ing the files for the cache's key
+        raise _unreadable(Path(exc.filename or "?"), f"{type(exc).__name__}: {exc.strerror or exc}") from None
 
 
 def few_shot(source: ImageSource, per_class: int, seed: int) -> ImageSource:
@@ -343,6 +507,7 @@ def few_shot(source: ImageSource, per_class: int, seed: int) -> ImageSource:
         files=[source.files[i] for i in sel] if source.files else [],
         modality=source.modality[sel] if source.modality is not None else None,
         regions=source.regions[index] if source.regions is not None else None,
+        cached=source.cached.subset(sel) if source.cached is not None else None,
     )
 
 
@@ -358,15 +523,17 @@ class ImageDataset(Dataset):
             v2.RandomResizedCrop(image_size, scale=CROP_SCALE, antialias=True),
             v2.RandomHorizontalFlip(),
         ])
-        self.resize = v2.Compose([v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)])
 
     def __len__(self) -> int:
         return len(self.source)
 
     def _image(self, i: int) -> torch.Tensor:
+        """The stored image: held in memory, mapped from the image cache, or read from its file."""
         if self.source.images is not None:
-            return self.source.images[i]
-        return _to_channels(_read_image(self.source.files[i], self.channels), self.channels)
+            return _fit(self.source.images[i], self.size)
+        if self.source.cached is not None:
+            return self.source.cached[i]
+        return stored_image(self.source.files[i], self.size, self.channels)
 
     def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
         i, aug_seed = item if isinstance(item, tuple) else (item, None)
@@ -379,8 +546,6 @@ class ImageDataset(Dataset):
                 # augmentation itself.
                 torch.default_generator.manual_seed(aug_seed)
                 img = self.augment(img)
-        elif img.shape[-2:] != (self.size, self.size):
-            img = self.resize(img)
         return img, int(self.source.labels[i])
 
 
@@ -422,13 +587,35 @@ class EpochSampler(Sampler):
         return self.per_rank - self.start
 
 
+def available_cores(shared: bool = True) -> int:
+    """CPU cores this process may use (its affinity mask where the system has one); with ``shared``, its share
+    of them among the processes torchrun started on this machine (``LOCAL_WORLD_SIZE``)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1") if shared else 1))
+
+
+def auto_workers(source: ImageSource) -> int:
+    """DataLoader workers for ``source`` when none are asked for.
+
+    0 when the images are in memory or in the image cache: a sample is then a copy and an augmentation, cheaper
+    than handing it over from another process. Files decoded every epoch get half the cores (the training
+    process keeps the other half), at most :data:`MAX_WORKERS`, and none on machines of fewer than
+    :data:`MIN_CORES_FOR_WORKERS` cores per process, where workers and the model compete for the same cores: on
+    2 cores, workers made training slower with and without the cache (benchmarks/RESULTS.md, "Image folders").
+    """
+    cores = available_cores()
+    if source.images is not None or source.cached is not None or cores < MIN_CORES_FOR_WORKERS:
+        return 0
+    return min(MAX_WORKERS, cores // 2)
+
+
 def make_loader(
     data: DataSpec,
     split: str,
     batch_size: int,
     train: bool,
     seed: int = 0,
-    workers: int = 0,
+    workers: int | None = None,
     pin_memory: bool = False,
     rank: int = 0,
     num_replicas: int = 1,
@@ -437,7 +624,7 @@ def make_loader(
 
     Training loaders shuffle with an :class:`EpochSampler` (call ``loader.sampler.set_epoch``) and
     drop the last incomplete batch so every step has the same batch size; evaluation loaders keep
-    every image, in order.
+    every image, in order. ``workers`` worker processes read the images (None: :func:`auto_workers`).
     """
     if batch_size < 1:
         raise DataError(f"batch size {batch_size} must be at least 1")
@@ -454,7 +641,7 @@ def make_loader(
         batch_size=batch_size,
         sampler=sampler,
         drop_last=train,
-        num_workers=workers,
+        num_workers=auto_workers(source) if workers is None else workers,
         pin_memory=pin_memory,
         persistent_workers=False,
         # Its own generator: starting an epoch or an evaluation pass never draws from the global RNG,

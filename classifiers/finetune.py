@@ -109,8 +109,9 @@ class FinetuneConfig:
     """auto, cpu or cuda."""
     precision: str = "auto"
     """The model's arithmetic: ``bf16`` autocast, ``fp32`` or ``auto`` (see ``classifiers.train.resolve_precision``)."""
-    workers: int = 0
-    """DataLoader worker processes."""
+    workers: int | None = 0
+    """DataLoader worker processes (None: chosen from the cores, ``classifiers.data.auto_workers``; the scripts'
+    default)."""
     run_dir: str = ""
     """Run folder (empty: ``runs/finetune__<init>__<dataset>__s<seed>__<time>``)."""
     log_every: int = 10
@@ -149,8 +150,8 @@ class FinetuneConfig:
             raise ValueError(f"unknown schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
         if self.train_per_class is not None and self.train_per_class < 1:
             raise ValueError(f"train_per_class {self.train_per_class} must be at least 1 (or None for all images)")
-        if self.workers < 0:
-            raise ValueError(f"workers {self.workers} must be 0 or more")
+        if self.workers is not None and self.workers < 0:
+            raise ValueError(f"workers {self.workers} must be 0 or more (or None: chosen from the cores)")
         check_precision(self.precision)
         for name in ("batch_size", "log_every", "ckpt_every", "eval_batch_size"):
             if getattr(self, name) < 1:

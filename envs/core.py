@@ -81,8 +81,9 @@ class EnvConfig:
     precision: str = "auto"
     """The classifier's arithmetic: ``bf16`` autocast, ``fp32``, or ``auto`` (bf16 on a GPU that computes it natively
     and on a CPU with AMX, fp32 elsewhere; see ``classifiers.train.resolve_precision``). Policies stay float32."""
-    workers: int = 0
-    """DataLoader worker processes."""
+    workers: int | None = 0
+    """DataLoader worker processes (None: chosen from the cores, ``classifiers.data.auto_workers``; the scripts'
+    default)."""
     sync_bn: bool = False
     """Under torchrun on CUDA, synchronise BatchNorm statistics over all processes (SyncBatchNorm), so N
     processes of batch B normalise like one of batch N*B. Off by default: per-process statistics, as in the
@@ -94,6 +95,8 @@ class EnvConfig:
             raise ValueError(f"unknown classifier {self.classifier!r}; use one of {', '.join(ARCHITECTURES)}")
         if self.batch_size < 1:
             raise ValueError(f"batch size {self.batch_size} must be at least 1")
+        if self.image_size < 8:
+            raise ValueError(f"image size {self.image_size} is too small; use 8 or more (the paper: 224)")
         if self.lr <= 0 or not math.isfinite(self.lr):
             raise ValueError(f"learning rate {self.lr} must be a positive number (the paper uses 0.1)")
         if self.reward not in REWARDS:
@@ -111,8 +114,8 @@ class EnvConfig:
                              "each image keeps; 0.5 is what Beta(1, 1) masks give on average)")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps {self.max_steps} must be at least 1 (or None)")
-        if self.workers < 0:
-            raise ValueError(f"workers {self.workers} must be 0 or more")
+        if self.workers is not None and self.workers < 0:
+            raise ValueError(f"workers {self.workers} must be 0 or more (or None: chosen from the cores)")
         if self.lr_step_epochs < 1:
             raise ValueError(f"lr_step_epochs {self.lr_step_epochs} must be at least 1")
         check_precision(self.precision)  # resolved later, by DevicePolicy, once the process has its GPU

@@ -298,7 +298,8 @@ def test_options_are_registered_and_checked(synthrad_spec: str) -> None:
         4, 2, 8, 0.1, 0.9, 0.8, 0.01, 0.25)
     assert m.policy.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
     assert make_agent("ppo", {"n_steps": 8}).algorithm_kwargs(32, 16)["batch_size"] == 64  # a quarter of the rollout
-    for bad, match in [({"n_steps": 0}, "n_steps"), ({"gamma": 1.5}, "gamma"), ({"policy_lr": 0.0}, "policy learning rate 0.0"),
+    for bad, match in [({"n_steps": 0}, "n_steps"), ({"gamma": 1.5}, "gamma"),
+                       ({"policy_lr": 0.0}, "policy learning rate 0.0"), ({"policy_lr": math.inf}, "learning rate inf"),
                        ({"sb3_batch_size": 1}, "sb3_batch_size"), ({"clip_range": 0.0}, "clip_range")]:
         with pytest.raises(ValueError, match=match):
             make_agent("ppo", bad)
