@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from agents.registry import AGENTS, algo_names
+from agents.registry import AGENTS, algo_names, make_agent
 from agents.runner import PretrainConfig, pretrain
 from classifiers.finetune import RESUME_FREE, SCRATCH, FinetuneConfig, finetune
 from classifiers.metrics import METRIC_NAMES, SHORTCUT_NAMES
@@ -396,7 +396,8 @@ class Study:
                 figures = json.loads((Path(r.run_dir) / "heated_metrics.json").read_text())
                 rows.append({"method": r.method, "seed": r.seed, **{k: v for k, v in figures.items()
                                                                      if "/" in k},
-                             **diagnostics_over_run(Path(r.run_dir) / "metrics.jsonl"), "pretrain_dir": r.run_dir})
+                             **diagnostics_over_run(Path(r.run_dir) / "metrics.jsonl"),
+                             "setting": run_setting(Path(r.run_dir) / "config.json"), "pretrain_dir": r.run_dir})
         return rows
 
     def write(self, rows: list[dict[str, Any]], seconds: float) -> None:
@@ -561,6 +562,10 @@ def heated_markdown(rows: list[dict[str, Any]], cfg: StudyConfig) -> str:
         for m in learned:
             cells = [_mean_std(list(_by(rows, m, None, k).values())) for k in columns]
             lines.append(f"| {m} | {len(_by(rows, m, None, columns[0]))} | " + " | ".join(cells) + " |")
+        lines += ["", "Settings of each learned method (the agent's options, defaults resolved):", ""]
+        for m in learned:
+            settings = sorted({r.get("setting", "") for r in rows if r["method"] == m} - {""})
+            lines.append(f"- `{m}`: " + ("; ".join(settings) or "-"))
         lines.append("")
         peaks = [f"peak/{k}" for k in PEAK_COLUMNS]
         lines += ["## Over the run", "",
@@ -599,6 +604,31 @@ def diagnostics_over_run(metrics_path: Path) -> dict[str, float]:
             step, value = max(series, key=lambda sv: abs(sv[1]))
             out[f"peak/{name}"], out[f"peak/{name}_step"] = value, step
     return out
+
+
+SETTING_KEYS = ("objective", "param", "policy_lr", "budget_concentration", "normalize_advantage", "baseline",
+                "clip_range", "target_kl_per_cell", "n_steps")
+"""The agent options that say how a policy learns, named beside its diagnostics."""
+
+
+def run_setting(config_path: Path) -> str:
+    """How a pretraining run's policy learned, in one line: its reward settings and the agent options of
+    :data:`SETTING_KEYS` it ran with (defaults resolved; empty for an agent without them)."""
+    try:
+        cfg = json.loads(config_path.read_text(encoding="utf-8"))
+        agent = make_agent(cfg["algo"], cfg["agent"])
+    except (OSError, ValueError, KeyError):
+        return ""
+    options = getattr(agent, "cfg", None)
+    if options is None:
+        return ""
+    env = cfg["env"]
+    values = {k: getattr(options, k) for k in SETTING_KEYS if hasattr(options, k)}
+    if "policy_lr" in values and values["policy_lr"] is None:
+        values["policy_lr"] = env["lr"] / 10
+    values = {"reward": env["reward"], "mask_budget": env["mask_budget"], "reward_forward": env["reward_forward"],
+              "reward_reference": env["reward_reference"], **values}
+    return ", ".join(f"{k} {v}" for k, v in values.items() if v is not None)
 
 
 def with_synthrad_option(spec: str, key: str, value: object) -> str:

@@ -194,3 +194,23 @@ def test_diagnostics_over_the_run_keep_the_extreme_value_and_its_step(tmp_path: 
     assert peaks == {"peak/kl_initial": 3.0, "peak/kl_initial_step": 40, "peak/content_gap": -0.40,
                      "peak/content_gap_step": 20, "peak/image_spread": 0.2, "peak/image_spread_step": 20}
     assert diagnostics_over_run(tmp_path / "missing.jsonl") == {}
+
+
+def test_run_setting_names_how_each_policy_learned(tmp_path: Path) -> None:
+    """The study names the parameterisation and learning rate each learned method ran with, defaults resolved."""
+    from dataclasses import asdict
+
+    from agents.runner import PretrainConfig
+    from agents.study import run_setting
+    from envs.core import EnvConfig
+
+    def setting(algo: str, agent: dict, **env) -> str:
+        path = tmp_path / f"{algo}.json"
+        path.write_text(json.dumps(asdict(PretrainConfig(algo=algo, env=EnvConfig(**env), agent=agent))))
+        return run_setting(path)
+
+    assert "param exp" in setting("reinforce", {}) and "policy_lr 0.01" in setting("reinforce", {})  # lr 0.1 / 10
+    budget = setting("reinforce-budget", {"param": "softplus", "policy_lr": 0.03, "budget_concentration": 2.0},
+                     reward="adversarial", mask_budget=0.5)
+    assert "reward adversarial, mask_budget 0.5" in budget and "budget_concentration 2.0" in budget
+    assert setting("none", {}) == "" and run_setting(tmp_path / "missing.json") == ""
