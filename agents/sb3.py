@@ -191,37 +191,42 @@ class MaskFeaturesExtractor(BaseFeaturesExtractor):
         return self.features(observations).flatten(1)
 
 
-class SpatialBetaHead(nn.Module):
-    """Per-cell raw concentrations from a flattened ``(channels, G, G)`` feature map: a 1x1 convolution.
+class SpatialHead(nn.Module):
+    """A 1x1 convolution over a flattened ``(channels, G, G)`` feature map: ``outputs`` values per cell."""
 
-    Output ``(N, 2 * G * G)``: all cells' alpha parameters, then all cells' beta parameters, the layout
-    :class:`BetaDistribution` expects.
-    """
-
-    def __init__(self, channels: int, grid: int) -> None:
+    def __init__(self, channels: int, grid: int, outputs: int) -> None:
         super().__init__()
         self.channels, self.grid = channels, grid
-        self.conv = nn.Conv2d(channels, 2, 1)
+        self.conv = nn.Conv2d(channels, outputs, 1)
+
+    def cells(self, latent: torch.Tensor) -> torch.Tensor:
+        """``(N, outputs, G, G)``."""
+        return self.conv(latent.view(-1, self.channels, self.grid, self.grid))
+
+
+class SpatialBetaHead(SpatialHead):
+    """Per-cell raw concentrations: output ``(N, 2 * G * G)``, all cells' alpha parameters, then all cells' beta
+    parameters, the layout :class:`BetaDistribution` expects."""
+
+    def __init__(self, channels: int, grid: int) -> None:
+        super().__init__(channels, grid, 2)
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
-        return self.conv(latent.view(-1, self.channels, self.grid, self.grid)).flatten(1)
+        return self.cells(latent).flatten(1)
 
 
-class SpatialValueHead(nn.Module):
-    """The critic over a flattened ``(channels, G, G)`` feature map: the mean over cells of a per-cell value
-    (a 1x1 convolution), shape ``(N, 1)``.
+class SpatialValueHead(SpatialHead):
+    """The critic: the mean over cells of a per-cell value, shape ``(N, 1)``.
 
     It has ``channels + 1`` parameters at any grid, where a linear layer over all cells' features has
     ``channels * G * G + 1`` (8,193 at G = 16) to fit one reward per image (see the module docstring).
     """
 
     def __init__(self, channels: int, grid: int) -> None:
-        super().__init__()
-        self.channels, self.grid = channels, grid
-        self.conv = nn.Conv2d(channels, 1, 1)
+        super().__init__(channels, grid, 1)
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
-        return self.conv(latent.view(-1, self.channels, self.grid, self.grid)).mean((2, 3))
+        return self.cells(latent).mean((2, 3))
 
 
 class BetaActorCriticPolicy(ActorCriticPolicy):

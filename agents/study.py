@@ -151,8 +151,11 @@ class StudyConfig:
             return (self.pretrain_dataset, f"{self.pretrain_dataset}@{self.fewshot_k}")
         query = f"?{options}" if options else ""
         unseen, shifted = "synthrad:unseen" + query, "synthrad:shifted" + query
-        balanced = with_synthrad_option(self.pretrain_dataset, "modality_bias", BALANCED_BIAS)
-        return (self.pretrain_dataset, shifted, unseen, f"{unseen}@{self.fewshot_k}", LINEAR + shifted, balanced)
+        targets = (self.pretrain_dataset, shifted, unseen, f"{unseen}@{self.fewshot_k}", LINEAR + shifted)
+        bias = _bias_option(self.pretrain_dataset)
+        if bias is not None and math.isclose(float(bias), BALANCED_BIAS, abs_tol=1e-3):
+            return targets  # pretrained on balanced data already: the pretraining task is the balanced target
+        return (*targets, with_synthrad_option(self.pretrain_dataset, "modality_bias", BALANCED_BIAS))
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the value and the fix before any run starts."""
@@ -243,7 +246,9 @@ def target_label(target: str) -> str:
 
 
 def target_folder(target: str) -> str:
-    """The target's folder name under ``finetune/``: the dataset without its options, and ``-k<K>``."""
+    """The target's folder name under ``finetune/``: the dataset without its options (but ``-bias<B>`` for a
+    ``modality_bias``), ``-k<K>`` and ``-linear``. Targets differing only in other options share a folder; their
+    runs' keys tell them apart."""
     dataset, k = parse_target(target)
     bias = _bias_option(dataset)
     name = "".join(c if c.isalnum() or c in "-_." else "-" for c in dataset.split("?")[0] + (f"-bias{bias}" if bias

@@ -250,7 +250,8 @@ def _load_medmnist(spec: str, image_size: int | None) -> DataSpec:
     return DataSpec(f"medmnist:{path.name}", [str(i) for i in range(num_classes)], channels, size, splits)
 
 
-def _load_imagefolder(spec: str, image_size: int | None, channels: int | None, cache: bool) -> DataSpec:
+def _load_imagefolder(spec: str, image_size: int | None, channels: int | None, cache: bool,
+                      cache_train: bool = True) -> DataSpec:
     root = Path(spec[len("imagefolder:"):]).expanduser()
     if not root.is_dir():
         raise DataError(f"dataset {spec!r}: folder {root} does not exist; give a folder holding train/ and val/")
@@ -293,6 +294,8 @@ def _load_imagefolder(spec: str, image_size: int | None, channels: int | None, c
                     splits)
     if cache:
         for split, source in splits.items():
+            if split == "train" and not cache_train:
+                continue
             source.cached = _cache_split(source.files, data, f"{root.name} {split}", f"{root.resolve() / split}")
     return data
 
@@ -403,7 +406,8 @@ def stored_image(path: Path, size: int, channels: int) -> torch.Tensor:
     shorter side is ``size``, centre-cropped to a square; uint8 (channels, size, size). The image cache holds these."""
     img = _read_image(path, channels)
     height, width = img.shape[-2:]
-    if size * size * max(height, width) / min(height, width) > Image.MAX_IMAGE_PIXELS:
+    limit = Image.MAX_IMAGE_PIXELS  # None: the user turned Pillow's bomb check off
+    if limit is not None and size * size * max(height, width) / min(height, width) > limit:
         # resized before the crop, a strip of pixels would become a decompression bomb of its own
         raise _unreadable(path, f"{width} x {height} px is too elongated to resize to {size} px; crop the image")
     return _fit(img, size)
@@ -435,7 +439,8 @@ def load_dataset(
     if spec.startswith("synthrad"):
         data = _load_synthrad(spec, image_size)
     elif spec.startswith("imagefolder:"):
-        data = _load_imagefolder(spec, image_size, channels, cache)
+        # a few-shot run reads its few training images from their files: no cache of the whole split for them
+        data = _load_imagefolder(spec, image_size, channels, cache, cache_train=train_per_class is None)
     elif spec.startswith("medmnist:"):
         data = _load_medmnist(spec, image_size)
     else:

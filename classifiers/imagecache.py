@@ -63,8 +63,8 @@ def content_key(files: Sequence[Path], size: int, channels: int) -> str:
     count and :data:`FORMAT`. Raises ``OSError`` (with the file name) for a file that cannot be stat'ed."""
     h = hashlib.sha256(f"noisemask-images {FORMAT} {size} {channels} {len(files)}\n".encode())
     for f in files:
-        st = os.stat(f)
-        h.update(os.fsencode(f) + f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        st = os.stat(f)  # absolute paths: a folder named relatively and absolutely gets one key
+        h.update(os.fsencode(os.path.abspath(f)) + f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
@@ -127,19 +127,46 @@ def _build(path: Path, shape: tuple[int, ...], images: Iterator[torch.Tensor], d
     atomic_write(path, write)
 
 
+def _progress(path: Path) -> tuple[tuple[int, int], ...]:
+    """The sizes and modification times of the temporary files of builds of ``path``: they change while a build
+    writes, and stay as they are in a file a killed build left behind."""
+    marks = []
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        try:
+            st = tmp.stat()
+        except OSError:
+            continue
+        marks.append((st.st_size, st.st_mtime_ns))
+    return tuple(sorted(marks))
+
+
 def _wait_for(path: Path, shape: tuple[int, ...], patience: float) -> CachedImages | None:
-    """Wait for another process's build of ``path``; None once no build has been seen for ``patience`` seconds."""
-    last_seen = time.monotonic()
+    """Wait for another process's build of ``path``; None once no build has made progress for ``patience`` seconds
+    (a temporary file that stopped growing is a killed build's, not a build in progress)."""
+    last_progress, seen = time.monotonic(), _progress(path)
     while True:
         cached = _open(path, shape)
         if cached is not None:
             return cached
-        if any(path.parent.glob(f".{path.name}.*.tmp")):
-            last_seen = time.monotonic()
-        elif time.monotonic() - last_seen > patience:
+        now = _progress(path)
+        if now != seen:
+            last_progress, seen = time.monotonic(), now
+        elif time.monotonic() - last_progress > patience:
             warnings.warn(f"no process built the image cache {path}; reading the images uncached", stacklevel=3)
             return None
         time.sleep(min(1.0, patience))
+
+
+def _remove_stale_builds(folder: Path, stem: str, age: float) -> None:
+    """Delete temporary files of builds of ``stem``'s caches untouched for ``age`` seconds: a killed build's
+    leftovers, each as large as its cache (a build in progress writes every image as it goes)."""
+    cutoff = time.time() - age
+    for tmp in folder.glob(f".{stem}-*.npy.*.tmp"):
+        try:
+            if tmp.stat().st_mtime < cutoff:
+                tmp.unlink(missing_ok=True)
+        except OSError:
+            continue
 
 
 def _safe(text: str) -> str:
@@ -185,6 +212,7 @@ def open_or_build(
     needed = int(np.prod(shape))
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        _remove_stale_builds(folder, stem, patience)
         free = shutil.disk_usage(folder).free
         if needed + SPARE_BYTES > free:
             warnings.warn(f"the image cache of {name} needs {needed / 1e9:.1f} GB but {folder} has "

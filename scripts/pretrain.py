@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from agents.registry import algo_names
+from agents.registry import AGENTS, algo_names
 from agents.runner import PretrainConfig, pretrain
 from classifiers.cli import add_common_arguments, fail_cleanly
 from classifiers.distributed import launch_rank
@@ -78,12 +78,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--vf-coef", type=float, default=None, help="value-function coefficient")
     s.add_argument("--gamma", type=float, default=None, help="discount factor")
     s.add_argument("--gae-lambda", type=float, default=None, help="GAE lambda")
-    s.add_argument("--clip-range", type=float, default=None, help="ppo: clipping range")
+    s.add_argument("--clip-range", type=float, default=None,
+                   help="ppo: clip the probability ratio of a whole mask to 1 +- this (default: no clipping; the KL "
+                        "stop bounds an update instead)")
+    s.add_argument("--target-kl-per-cell", type=float, default=None,
+                   help="ppo: stop an update's epochs once the approximate KL from the rollout's policy passes "
+                        "1.5 x this x G x G (default 0.002; 0: never, with --clip-range 0.2: stable-baselines3's PPO)")
     return p.parse_args(argv)
 
 
-CHOSEN_ENV = ("reward", "mask_budget", "reward_forward", "reward_reference")
-"""Environment settings an algo may register (``agents.registry``): a value given on the command line stays."""
+CHOSEN_ENV = tuple(sorted({k for entry in AGENTS.values() for k, _ in entry.env}))
+"""Environment settings an algo registers (``agents.registry``): a value given on the command line stays."""
 
 
 def chosen_env(a: argparse.Namespace) -> frozenset[str]:
@@ -100,7 +105,7 @@ def config_from_args(a: argparse.Namespace) -> PretrainConfig:
     agent = {k: getattr(a, k) for k in (
         "policy_lr", "objective", "param", "baseline", "budget_concentration", "entropy_coef", "normalize_advantage",
         "max_grad_norm", "scale_classifier_loss", "noise_std", "loss_scale", "n_steps", "n_epochs", "sb3_batch_size",
-        "ent_coef", "vf_coef", "gamma", "gae_lambda", "clip_range")}
+        "ent_coef", "vf_coef", "gamma", "gae_lambda", "clip_range", "target_kl_per_cell")}
     return PretrainConfig(algo=a.algo, env=env, agent={k: v for k, v in agent.items() if v is not None},
                           epochs=1 if a.epochs is None else a.epochs, max_steps=a.max_steps, run_dir=a.run_dir or "",
                           log_every=a.log_every, image_every=a.image_every, ckpt_every=a.ckpt_every)

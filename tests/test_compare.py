@@ -131,6 +131,8 @@ def test_targets_and_methods_are_checked() -> None:
     assert StudyConfig(pretrain_dataset="synthrad?seed=1", fewshot_k=5).resolved_targets() == (
         "synthrad?seed=1", "synthrad:shifted?seed=1", "synthrad:unseen?seed=1", "synthrad:unseen?seed=1@5",
         "linear:synthrad:shifted?seed=1", "synthrad?seed=1&modality_bias=0.3333")
+    assert StudyConfig(pretrain_dataset="synthrad?modality_bias=0.3333").resolved_targets()[-1] == (
+        "linear:synthrad:shifted?modality_bias=0.3333")  # pretrained on balanced data: no second balanced target
     assert StudyConfig(pretrain_dataset="imagefolder:/data/x").resolved_targets() == (
         "imagefolder:/data/x", "imagefolder:/data/x@10")
     with pytest.raises(ValueError, match="after '@'"):

@@ -225,3 +225,48 @@ def test_cached_images_pickle_without_their_pixels(root, cache_dir):
     cached = load_dataset(f"imagefolder:{root}", image_size=16).splits["train"].cached
     copy = pickle.loads(pickle.dumps(cached.subset(np.array([5, 2]))))  # what a spawned worker receives
     assert len(pickle.dumps(copy)) < 1000 and torch.equal(copy[0], cached[5]) and torch.equal(copy[1], cached[2])
+
+
+def test_a_killed_builds_leftover_neither_stalls_the_waiting_processes_nor_stays(root, cache_dir, monkeypatch):
+    """A temporary file that stops growing is a killed build's: the waiting processes give up after their patience
+    instead of waiting forever, and the next build removes it once it is older than the patience."""
+    files = sorted((root / "train").rglob("*.png"))
+
+    def images():
+        for f in files:
+            yield data_module.stored_image(f, 8, 1)
+
+    built = imagecache.open_or_build(files, 8, 1, "data train", "origin", images)
+    final = built.path
+    leftover = final.parent / f".{final.name}.killed.tmp"
+    leftover.write_bytes(b"\0" * 64)
+    final.unlink()
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.warns(UserWarning, match="no process built the image cache"):
+        assert imagecache.open_or_build(files, 8, 1, "data train", "origin", images, patience=0.2) is None
+    old = os.stat(leftover).st_mtime - 3600
+    os.utime(leftover, (old, old))
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert imagecache.open_or_build(files, 8, 1, "data train", "origin", images, patience=60) is not None
+    assert not leftover.exists() and final.exists()
+    assert final.stat().st_mode & 0o777 == 0o666 & ~_umask()  # readable by others as any file the user writes
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def test_one_folder_spelled_two_ways_has_one_cache(root, cache_dir, monkeypatch):
+    load_dataset(f"imagefolder:{root}", image_size=16, channels=1)
+    first = npy_files(cache_dir)
+    monkeypatch.chdir(root.parent)
+    load_dataset(f"imagefolder:{root.name}", image_size=16, channels=1)
+    assert npy_files(cache_dir) == first
+
+
+def test_a_few_shot_run_caches_no_training_split(root, cache_dir):
+    data = load_dataset(f"imagefolder:{root}", image_size=16, channels=1, train_per_class=2, seed=0)
+    assert data.splits["train"].cached is None and len(data.splits["train"]) == 4
+    assert [len(np.load(f, mmap_mode="r")) for f in npy_files(cache_dir)] == [4]  # val only

@@ -18,7 +18,7 @@ from classifiers.models import build_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 SB3_ALGOS = {"ppo", "a2c", "ppo-budget", "a2c-budget"}
-"""Covered by tests/test_sb3.py."""
+"""Covered by tests/test_sb3.py (the budgeted ones by tests/test_budget.py)."""
 ALGOS = [a for a in algo_names() if a not in SB3_ALGOS]
 COMMON_SCALARS = {"train/loss", "train/accuracy", "train/lr", "train/epoch", "reward/mean", "reward/std",
                   "perf/images_per_second", "val/loss", "val/accuracy", "val/balanced_accuracy", "val/macro_f1",
