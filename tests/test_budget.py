@@ -74,6 +74,26 @@ def test_budget_concentration_needs_a_budget() -> None:
         Reinforce(budget_concentration=2.0).bind(core, 10)
 
 
+def test_logits_far_out_keep_a_pattern_and_a_gradient() -> None:
+    """The allocation reads its logits centred and softly bounded: a common level changes nothing, equal logits give
+    the constant budget, and logits that drifted far out (as a 1,240-step run's did, to -1,430) still give a
+    non-constant held mask with a gradient, where the raw sigmoid underflows to the constant budget and none."""
+    from agents.reinforce import LOGIT_BOUND, bounded_contrast
+    from envs.masks import hold_mean
+
+    torch.manual_seed(0)
+    d = torch.randn(2, 4, 4)
+    torch.testing.assert_close(bounded_contrast(d + 100.0), bounded_contrast(d))
+    assert torch.equal(bounded_contrast(torch.full((1, 4, 4), 3.0)), torch.zeros(1, 4, 4))
+    far = (-1000.0 + 300.0 * torch.rand(2, 4, 4)).requires_grad_()
+    raw = hold_mean(torch.sigmoid(far), 0.5)
+    assert torch.equal(raw, torch.full_like(raw, 0.5))  # the collapse: underflow, then the constant budget
+    held = hold_mean(torch.sigmoid(bounded_contrast(far)), 0.5)
+    assert held.std() > 0.1 and bounded_contrast(far).abs().max() <= LOGIT_BOUND
+    (held * torch.randn_like(held)).sum().backward()
+    assert far.grad.abs().sum() > 0
+
+
 def test_budget_concentration_holds_the_cell_means_at_the_budget_and_fixes_the_concentration() -> None:
     """Every image's mean cell mean is the budget, every cell's alpha + beta is k, and a network that gives every cell
     the same concentrations is Beta(1, 1) at k = 2."""
