@@ -418,7 +418,9 @@ class Study:
                     writer = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for row in table for k in row)))
                     writer.writeheader()
                     writer.writerows(table)
-        text = results_markdown(rows, self.cfg, self.targets) + heated_markdown(heated, self.cfg)
+        head, _, body = results_markdown(rows, self.cfg, self.targets).partition("Cells: ")
+        text = (head + summary_markdown(rows, heated, self.cfg, self.targets) + "\n"
+                + ("Cells: " + body if body else "") + heated_markdown(heated, self.cfg))
         (self.out / "results.md").write_text(text, encoding="utf-8")
         if rows:
             plot_results(rows, self.cfg.methods, self.targets, self.out / "results.png", heated)
@@ -483,6 +485,45 @@ def _tables(rows: list[dict[str, Any]], methods: list[str], target: str | None, 
             lines.append(f"| {m} | {pairs} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
+
+
+SUMMARY_HEATED = {"heated/test/shortcut_gap": "heated: gap", "heated/shifted/accuracy": "heated: shifted acc.",
+                  "heated/shifted_perturbed/accuracy": "heated: shifted acc., perturbed"}
+"""The heated-model figures in the summary table, with their headings."""
+
+
+def summary_markdown(rows: list[dict[str, Any]], heated: list[dict[str, Any]], cfg: StudyConfig,
+                     targets: tuple[str, ...]) -> str:
+    """One table for the whole study: per method, the heated model's shortcut gap and shifted accuracy (clean, and
+    perturbed as in training) and the accuracy after fine-tuning on each target, each as the mean over seeds and the
+    paired difference to ``none`` with its 95% t-interval."""
+    methods = [m for m in cfg.methods if any(r["method"] == m for r in [*rows, *heated])]
+    columns: list[tuple[list[dict[str, Any]], str | None, str, str]] = [
+        (heated, None, k, name) for k, name in SUMMARY_HEATED.items() if any(k in r for r in heated)]
+    columns += [(rows, t, "accuracy", target_label(t)) for t in targets]
+    if not columns:
+        return ""
+    lines = ["## Summary", "",
+             f"Mean over seeds; in brackets the paired difference to `{BASELINE}` (same seed) with its 95% t-interval. "
+             "Heated: the pretrained model itself before fine-tuning, on the pretraining task's test split (gap) and "
+             "its modality-shifted split (accuracy), on clean inputs and on inputs perturbed as in its training. "
+             "The other columns: accuracy after fine-tuning (or a linear probe) on each target.", "",
+             "| method | " + " | ".join(name for *_, name in columns) + " |", "|---|" + "---|" * len(columns)]
+    for m in methods:
+        cells = []
+        for table, target, key, _ in columns:
+            val, ref = _by(table, m, target, key), _by(table, BASELINE, target, key)
+            if not val:
+                cells.append("")
+                continue
+            cell = f"{np.mean(list(val.values())):.3f}"
+            seeds = sorted(set(val) & set(ref))
+            if m != BASELINE and seeds:
+                mean, low, high, _ = paired_difference([val[s] for s in seeds], [ref[s] for s in seeds])
+                cell += f" ({mean:+.3f}" + ("" if math.isnan(low) else f" [{low:+.3f}, {high:+.3f}]") + ")"
+            cells.append(cell)
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines + [""])
 
 
 def results_markdown(rows: list[dict[str, Any]], cfg: StudyConfig, targets: tuple[str, ...]) -> str:
