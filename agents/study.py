@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from agents.registry import AGENTS, algo_names, make_agent
+from agents.registry import AGENTS, algo_names, environment_for, make_agent, options_for
 from agents.runner import PretrainConfig, pretrain
 from classifiers.finetune import RESUME_FREE, SCRATCH, FinetuneConfig, finetune
 from classifiers.metrics import METRIC_NAMES, SHORTCUT_NAMES
@@ -272,6 +272,14 @@ def _finetune_settings(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in cfg.items() if k not in RESUME_FREE} | {"init": init}
 
 
+def _as_recorded(cfg: PretrainConfig | FinetuneConfig) -> PretrainConfig | FinetuneConfig:
+    """``cfg`` as its run records it in ``config.json``: a pretraining run fills in the environment settings and agent
+    options its algo registers (``agents.registry``: ``reinforce-budget``'s reward and budget, ...)."""
+    if isinstance(cfg, PretrainConfig):
+        return replace(cfg, env=environment_for(cfg.algo, cfg.env), agent=options_for(cfg.algo, cfg.agent))
+    return cfg
+
+
 def _saved_settings(run_dir: Path, settings) -> dict[str, Any] | None:
     try:
         return settings(json.loads((run_dir / "config.json").read_text()))
@@ -360,7 +368,7 @@ class Study:
         else:
             done, settings, start = ("metrics.json",), _finetune_settings, finetune
         saved = _saved_settings(run_dir, settings)
-        if saved is not None and saved != settings(asdict(cfg)):
+        if saved is not None and saved != settings(asdict(_as_recorded(cfg))):
             raise ValueError(f"run folder {run_dir} holds a run with other settings than this study's; "
                              "remove it or choose another --out")
         if saved is not None and all((run_dir / name).exists() for name in done):

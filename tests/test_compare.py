@@ -76,6 +76,18 @@ class Interrupt(Exception):
     pass
 
 
+def test_a_finished_run_of_an_algo_with_registered_settings_is_reused(tmp_path: Path) -> None:
+    """reinforce-budget records the environment and options its name registers: a rerun of the study reuses its run
+    instead of refusing the folder as another study's."""
+    cfg = StudyConfig(methods=("reinforce-budget",), seeds=(0,), pretrain_dataset=PRETRAIN, targets=(), image_size=16,
+                      grid=4, blur_kernel=3, blur_sigma=1.0, batch_size=8, pretrain_steps=2, device="cpu",
+                      out=str(tmp_path / "study"))
+    Study(cfg).run()
+    again = Study(cfg)
+    again.run()
+    assert [r.status for r in again.records] == ["reused"]
+
+
 def test_interrupted_study_resumes_and_reuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = StudyConfig(methods=("none", "uniform-mask", "scratch"), seeds=(0, 1), pretrain_dataset=PRETRAIN,
                       targets=(UNSEEN,), image_size=16, grid=4, blur_kernel=3, blur_sigma=1.0, batch_size=8,
