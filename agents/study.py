@@ -25,7 +25,8 @@ The output folder holds ``pretrain/<method>__s<seed>__<key>/`` and
 settings, and ``study.json`` (the settings and run list), ``results.csv`` (one row per fine-tuning run),
 ``results.md`` and ``results.png``. Rerun with the same settings, the study reuses every finished run
 (``heated.pt`` or ``metrics.json`` present with a matching ``config.json``) and resumes unfinished runs
-from their checkpoints; changed settings make new runs beside the old ones (a change of fine-tuning
+from their checkpoints; changed settings, including a changed default of an agent's options, make new runs
+beside the old ones (a change of fine-tuning
 settings alone reuses the pretraining runs). The classifiers' precision is part of every run's key, resolved
 (``auto`` becomes bf16 or fp32 once per study), so a study never mixes runs in different arithmetic; study
 folders written before the setting existed are therefore run afresh.
@@ -38,7 +39,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -272,6 +273,17 @@ def _finetune_settings(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in cfg.items() if k not in RESUME_FREE} | {"init": init}
 
 
+def _pretrain_key(cfg: PretrainConfig) -> dict[str, Any]:
+    """What a pretraining run's key hashes: its settings as the run records them and its agent's options with every
+    default resolved (a changed default of the code, such as PPO's clipping, then names another run)."""
+    recorded = _as_recorded(cfg)
+    settings = _pretrain_settings(asdict(recorded))
+    options = getattr(make_agent(cfg.algo, recorded.agent), "cfg", None)
+    if is_dataclass(options):
+        settings["agent_resolved"] = asdict(options)
+    return settings
+
+
 def _as_recorded(cfg: PretrainConfig | FinetuneConfig) -> PretrainConfig | FinetuneConfig:
     """``cfg`` as its run records it in ``config.json``: a pretraining run fills in the environment settings and agent
     options its algo registers (``agents.registry``: ``reinforce-budget``'s reward and budget, ...)."""
@@ -317,8 +329,8 @@ class Study:
         self.pretrain_methods = [m for m in self.cfg.methods if m != SCRATCH]
 
     def pretrain_dir(self, method: str, seed: int) -> Path:
-        settings = _pretrain_settings(asdict(self.cfg.pretrain_config(method, seed, Path())))
-        return self.out / "pretrain" / f"{method}__s{seed}__{_key(settings)}"
+        key = _key(_pretrain_key(self.cfg.pretrain_config(method, seed, Path())))
+        return self.out / "pretrain" / f"{method}__s{seed}__{key}"
 
     def finetune_run(self, method: str, seed: int, target: str) -> FinetuneConfig:
         init = SCRATCH if method == SCRATCH else str(self.pretrain_dir(method, seed) / "heated.pt")
@@ -738,11 +750,16 @@ def _bars(ax, groups: list[list[list[float]]], names: list[str], labels: list[st
     ax.grid(axis="y", alpha=0.3)
 
 
+PLOT_METRICS = {"accuracy": "accuracy after fine-tuning", "macro_f1": "macro F1 after fine-tuning",
+                "shortcut_gap": "shortcut gap after fine-tuning (synthrad targets)"}
+"""The fine-tuning metrics plotted, one full-width panel each (the others are in results.md)."""
+
+
 def plot_results(rows: list[dict[str, Any]], methods: tuple[str, ...], targets: tuple[str, ...], path: Path,
                  heated: list[dict[str, Any]] | None = None) -> None:
-    """One panel per metric: a bar per method within each target, mean over seeds with ± one standard deviation; with
-    ``heated`` rows, two more panels: the heated models' shortcut gap and accuracy on the test and shifted splits,
-    clean and perturbed as in training."""
+    """One full-width panel per fine-tuning metric of :data:`PLOT_METRICS` (a bar per method within each target,
+    mean over seeds with ± one standard deviation), and with ``heated`` rows a last row of two panels: the heated
+    models' shortcut gap and accuracy on the test and shifted splits, clean and perturbed as in training."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -751,22 +768,29 @@ def plot_results(rows: list[dict[str, Any]], methods: tuple[str, ...], targets: 
     methods = [m for m in methods if any(r["method"] == m for r in rows)]
     heated = heated or []
     splits = [s for s in ("test", "shifted") if heated and f"heated/{s}/shortcut_gap" in heated[0]]
-    columns = 4 if splits else 3
-    fig, axes = plt.subplots(2, columns, figsize=(max(4 * columns, 2.2 * len(targets) * columns), 7), squeeze=False)
-    for ax, metric in zip(axes[:, :3].flat, METRIC_NAMES):
-        _bars(ax, [[list(_by(rows, m, t, metric).values()) for m in methods] for t in targets],
-              [target_label(t) for t in targets], methods)
-        ax.set_title(metric)
+    metrics = {k: v for k, v in PLOT_METRICS.items() if any(r.get(k, "") != "" for r in rows)}
+    panels = len(metrics) + (1 if splits else 0)
+    fig = plt.figure(figsize=(max(10.0, 1.1 * len(targets) * max(1, len(methods)) / 3), 3.2 * panels + 0.8))
+    grid = fig.add_gridspec(panels, 2)
+    legend_ax = None
+    for row, (metric, title) in enumerate(metrics.items()):
+        ax = fig.add_subplot(grid[row, :])
+        shown = [t for t in targets if any(r["target"] == t and r.get(metric, "") != "" for r in rows)]
+        _bars(ax, [[list(_by(rows, m, t, metric).values()) for m in methods] for t in shown],
+              [target_label(t) for t in shown], methods)
+        ax.set_title(title)
+        legend_ax = legend_ax or ax
     if splits:
         pretrained = [m for m in methods if any(r["method"] == m for r in heated)]
         names = [f"{s}{' perturbed' if p else ''}" for s in splits for p in (False, True)]
-        for ax, (key, title) in zip(axes[:, 3], HEATED_PANELS.items()):
+        for col, (key, title) in enumerate(HEATED_PANELS.items()):
+            ax = fig.add_subplot(grid[panels - 1, col])
             _bars(ax, [[list(_by(heated, m, None, f"heated/{n.replace(' perturbed', '_perturbed')}/{key}").values())
                         for m in pretrained] for n in names], names, pretrained)
             ax.set_title(title)
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(methods), fontsize=8)
-    fig.suptitle("Fine-tuned on each target (and the heated models, right): mean over seeds, error bars ± 1 s.d.")
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    fig.savefig(path, dpi=110)
+    handles, labels = legend_ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(methods), 6), fontsize=8)
+    fig.suptitle("Mean over seeds, error bars ± 1 s.d.; the heated models (before fine-tuning) in the last row")
+    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
+    fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -232,3 +232,23 @@ def test_run_setting_names_how_each_policy_learned(tmp_path: Path) -> None:
                      reward="adversarial", mask_budget=0.5)
     assert "reward adversarial, mask_budget 0.5" in budget and "budget_concentration 2.0" in budget
     assert setting("none", {}) == "" and run_setting(tmp_path / "missing.json") == ""
+
+
+def test_a_changed_agent_default_names_another_pretraining_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An agent's options are in a pretraining run's key with their defaults resolved: when the code's default
+    changes (as PPO's clipping did), a study makes a new run instead of reusing one trained under the old default."""
+    from dataclasses import dataclass
+
+    import agents.reinforce as reinforce_module
+
+    study = Study(StudyConfig(methods=("none", "reinforce"), seeds=(0,), targets=(), device="cpu",
+                              out=str(tmp_path / "s")))
+    before = {m: study.pretrain_dir(m, 0) for m in ("none", "reinforce")}
+
+    @dataclass
+    class Changed(reinforce_module.ReinforceConfig):
+        param: str = "softplus"
+
+    monkeypatch.setattr(reinforce_module, "ReinforceConfig", Changed)
+    assert study.pretrain_dir("reinforce", 0) != before["reinforce"]
+    assert study.pretrain_dir("none", 0) == before["none"]
