@@ -140,8 +140,14 @@ class PretrainRunner:
         self.initial_policy = None
         """The policy's Beta on the probe at step 0, kept as ``(alpha, beta)`` for ``diagnostics/kl_initial``."""
         if state is not None:
-            self.core.load_state_dict(state["core"])
-            self.agent.load_state_dict(state["agent"])
+            try:
+                self.core.load_state_dict(state["core"])
+                self.agent.load_state_dict(state["agent"])
+            except (RuntimeError, KeyError, ValueError) as exc:  # shapes or names the code no longer builds
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise ValueError(f"the checkpoint in {self.run_dir} does not fit the classifier or agent this code "
+                                 f"builds from its config.json ({first}); it was written by other code or defaults: "
+                                 "resume it with that code, or start a new run (another --run-dir)") from None
             self.initial_policy = state.get("initial_policy")
             set_run_rng_state(state["rng"], cfg.env.seed, self.core.global_step)
             self.logger = RunLogger(self.run_dir, self.main, purge_step=self.core.global_step + 1,

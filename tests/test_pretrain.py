@@ -183,3 +183,29 @@ def test_existing_run_folder_is_refused_without_resume(script, synthrad_spec: st
         script.main(args)
     assert (run_dir / "checkpoint.pt").read_bytes() == before
     assert script.fail_cleanly(lambda: script.main(args)) == 2
+
+
+def test_a_checkpoint_the_code_no_longer_fits_is_refused_in_one_line(script, synthrad_spec: str, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """A run resumed after a default of the agent changed (here the policy's width) gets one line naming the run folder
+    and the fix, and its files stay as they were."""
+    from dataclasses import dataclass
+
+    import agents.reinforce as reinforce_module
+    from classifiers.cli import fail_cleanly
+
+    run_dir = tmp_path / "run"
+    assert script.main(tiny_args(synthrad_spec, run_dir, "reinforce", steps=2)) == 0
+    saved = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+
+    @dataclass
+    class Wider(reinforce_module.ReinforceConfig):
+        policy_width: int = 8
+
+    monkeypatch.setattr(reinforce_module, "ReinforceConfig", Wider)
+    capsys.readouterr()
+    argv = [*tiny_args(synthrad_spec, run_dir, "reinforce", steps=4), "--resume"]
+    assert fail_cleanly(lambda: script.main(argv)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"the checkpoint in {run_dir} does not fit" in err and "--run-dir" in err
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == saved
