@@ -88,6 +88,13 @@ class PretrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} {getattr(self, name)} must be at least 1")
 
+    def as_recorded(self, chosen_env: Collection[str] = ()) -> PretrainConfig:
+        """This configuration as its run records it in ``config.json``: with the environment settings and agent
+        options its algo registers (``agents.registry.environment_for`` and ``options_for``), except the
+        ``chosen_env`` fields the user set explicitly."""
+        return dataclasses.replace(self, env=environment_for(self.algo, self.env, chosen_env),
+                                   agent=options_for(self.algo, self.agent))
+
     def default_run_dir(self) -> str:
         data = self.env.dataset.split("?")[0].replace(":", "-").replace("/", "_")
         return str(Path("runs") / f"{self.algo}__{data}__s{self.env.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
@@ -115,8 +122,7 @@ class PretrainRunner:
         """
         cfg.validate()
         make_agent(cfg.algo, cfg.agent)  # an unknown algo or a bad agent option fails before anything is written
-        cfg = dataclasses.replace(cfg, env=environment_for(cfg.algo, cfg.env, chosen_env),
-                                  agent=options_for(cfg.algo, cfg.agent))
+        cfg = cfg.as_recorded(chosen_env)
         self.cfg = cfg
         init_from_env(cfg.env.device)
         self.main = is_main()

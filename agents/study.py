@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from agents.registry import AGENTS, algo_names, environment_for, make_agent, options_for
+from agents.registry import AGENTS, algo_names, make_agent
 from agents.runner import PretrainConfig, pretrain
 from classifiers.finetune import RESUME_FREE, SCRATCH, FinetuneConfig, finetune
 from classifiers.metrics import METRIC_NAMES, SHORTCUT_NAMES
@@ -276,20 +276,12 @@ def _finetune_settings(cfg: dict[str, Any]) -> dict[str, Any]:
 def _pretrain_key(cfg: PretrainConfig) -> dict[str, Any]:
     """What a pretraining run's key hashes: its settings as the run records them and its agent's options with every
     default resolved (a changed default of the code, such as PPO's clipping, then names another run)."""
-    recorded = _as_recorded(cfg)
+    recorded = cfg.as_recorded()
     settings = _pretrain_settings(asdict(recorded))
     options = getattr(make_agent(cfg.algo, recorded.agent), "cfg", None)
     if is_dataclass(options):
         settings["agent_resolved"] = asdict(options)
     return settings
-
-
-def _as_recorded(cfg: PretrainConfig | FinetuneConfig) -> PretrainConfig | FinetuneConfig:
-    """``cfg`` as its run records it in ``config.json``: a pretraining run fills in the environment settings and agent
-    options its algo registers (``agents.registry``: ``reinforce-budget``'s reward and budget, ...)."""
-    if isinstance(cfg, PretrainConfig):
-        return replace(cfg, env=environment_for(cfg.algo, cfg.env), agent=options_for(cfg.algo, cfg.agent))
-    return cfg
 
 
 def _saved_settings(run_dir: Path, settings) -> dict[str, Any] | None:
@@ -380,7 +372,8 @@ class Study:
         else:
             done, settings, start = ("metrics.json",), _finetune_settings, finetune
         saved = _saved_settings(run_dir, settings)
-        if saved is not None and saved != settings(asdict(_as_recorded(cfg))):
+        recorded = cfg.as_recorded() if isinstance(cfg, PretrainConfig) else cfg  # as the run writes config.json
+        if saved is not None and saved != settings(asdict(recorded)):
             raise ValueError(f"run folder {run_dir} holds a run with other settings than this study's; "
                              "remove it or choose another --out")
         if saved is not None and all((run_dir / name).exists() for name in done):

@@ -39,7 +39,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from classifiers import data as data_module  # noqa: E402
-from classifiers.data import _stretch_to_uint8, load_dataset, make_loader  # noqa: E402
+from classifiers.data import _mode_channels, load_dataset, make_loader, pillow_image  # noqa: E402
 from classifiers.models import build_classifier  # noqa: E402
 from classifiers.train import Normalizer  # noqa: E402
 
@@ -83,18 +83,7 @@ def make_folder(root: Path, n: int, sides: tuple[int, int], seed: int) -> Path:
 def pil_read_image(path: Path, channels: int | None) -> torch.Tensor:
     """The former reader: Pillow decodes every file (``classifiers.data._read_image`` before torchvision.io)."""
     with Image.open(path) as im:
-        im.load()
-        if im.mode.startswith(("I", "F")):
-            arr = _stretch_to_uint8(np.asarray(im, dtype=np.float64))
-            if channels == 3:
-                arr = np.repeat(arr[..., None], 3, axis=2)
-        else:
-            mode = "L" if im.mode in ("L", "1", "P", "LA") and channels != 3 else "RGB"
-            if channels == 1:
-                mode = "L"
-            arr = np.asarray(im.convert(mode))
-    t = torch.from_numpy(arr.copy())
-    return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
+        return pillow_image(im, channels or _mode_channels(im.mode))
 
 
 def pil_verify(files: list[Path]) -> None:

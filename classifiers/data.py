@@ -388,15 +388,21 @@ def _read_image(path: Path, channels: int | None) -> torch.Tensor:
             if img is not None:
                 return img
         try:
-            im.load()
-            if im.mode.startswith(("I", "F")):
-                arr = _stretch_to_uint8(np.asarray(im, dtype=np.float64))
-                if channels == 3:
-                    arr = np.repeat(arr[..., None], 3, axis=2)
-            else:
-                arr = np.asarray(im.convert("L" if channels == 1 else "RGB"))
+            return pillow_image(im, channels)
         except Exception as exc:  # Pillow raises many types for damaged files
             raise _unreadable(path, exc) from None
+
+
+def pillow_image(im: Image.Image, channels: int) -> torch.Tensor:
+    """An open Pillow image decoded as ``channels`` uint8 channels (C, H, W): 16-bit and float images stretched to
+    0-255 (:func:`_stretch_to_uint8`), everything else converted to ``L`` or ``RGB``."""
+    im.load()
+    if im.mode.startswith(("I", "F")):
+        arr = _stretch_to_uint8(np.asarray(im, dtype=np.float64))
+        if channels == 3:
+            arr = np.repeat(arr[..., None], 3, axis=2)
+    else:
+        arr = np.asarray(im.convert("L" if channels == 1 else "RGB"))
     t = torch.from_numpy(arr.copy())
     return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
 

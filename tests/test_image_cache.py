@@ -14,6 +14,7 @@ from PIL import Image
 from classifiers import data as data_module
 from classifiers import imagecache
 from classifiers.data import DataError, ImageSource, auto_workers, load_dataset, make_loader
+from classifiers.io import _umask
 
 
 @pytest.fixture
@@ -250,12 +251,6 @@ def test_a_killed_builds_leftover_neither_stalls_the_waiting_processes_nor_stays
     assert imagecache.open_or_build(files, 8, 1, "data train", "origin", images, patience=60) is not None
     assert not leftover.exists() and final.exists()
     assert final.stat().st_mode & 0o777 == 0o666 & ~_umask()  # readable by others as any file the user writes
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def test_one_folder_spelled_two_ways_has_one_cache(root, cache_dir, monkeypatch):
