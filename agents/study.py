@@ -6,9 +6,9 @@ For every method, seed and target task:
   ``gaussian-noise``, ``reinforce``, ``reinforce-official``, ``ppo``, ...) pretrains a classifier on the
   pretraining task (``agents.runner.pretrain``; one run per method and seed, shared by every target),
   and the heated model is fine-tuned on the target (``classifiers.finetune``);
-- ``scratch`` trains a fresh classifier on the target with the same fine-tuning schedule, at
-  ``scratch_lr`` (by default the pretraining rate 0.1: the fine-tuning rate 1e-3 would handicap a random
-  initialisation, and the question scratch answers is whether pretraining helps at all).
+- ``scratch`` trains a fresh classifier on the target with the same fine-tuning recipe (by default a cosine
+  decay from the start's default rate, ``classifiers.finetune.DEFAULT_LR``, chosen by a measured sweep for
+  scratch and heated starts alike), so "heated against scratch" compares two well-trained models.
 
 A target is a dataset specification, optionally followed by ``@K`` for a few-shot variant with K
 training images per class (``synthrad:unseen@10``), and optionally preceded by ``linear:`` for a linear probe: a
@@ -48,7 +48,7 @@ import torch
 
 from agents.registry import AGENTS, algo_names, make_agent
 from agents.runner import PretrainConfig, pretrain
-from classifiers.finetune import RESUME_FREE, SCRATCH, FinetuneConfig, finetune
+from classifiers.finetune import DEFAULT_LR, RESUME_FREE, SCRATCH, FinetuneConfig, finetune
 from classifiers.metrics import METRIC_NAMES, SHORTCUT_NAMES
 from classifiers.runlog import write_json
 from classifiers.train import resolve_device, resolve_precision
@@ -109,12 +109,14 @@ class StudyConfig:
     """Fine-tuning epochs (the paper: 10)."""
     fewshot_epochs: int | None = None
     """Fine-tuning epochs on few-shot targets (None: ``finetune_epochs``)."""
-    finetune_lr: float = 1e-3
-    """Fine-tuning learning rate (the paper: 1e-3)."""
-    scratch_lr: float = 0.1
-    """Learning rate of the ``scratch`` baseline."""
-    probe_lr: float = 0.1
-    """Learning rate of linear probes (``linear:`` targets): a fresh layer on fixed features takes a large step."""
+    finetune_lr: float | None = None
+    """Fine-tuning learning rate of heated models (None: ``DEFAULT_LR["heated"]``; the paper: 1e-3)."""
+    scratch_lr: float | None = None
+    """Learning rate of the ``scratch`` baseline (None: ``DEFAULT_LR["scratch"]``)."""
+    probe_lr: float | None = None
+    """Learning rate of linear probes (``linear:`` targets; None: ``DEFAULT_LR["linear_probe"]``)."""
+    finetune_schedule: str = "cosine"
+    """Fine-tuning rate after the warm-up, for every start: ``cosine`` or ``constant`` (the paper's)."""
     warmup_epochs: float = 1.0
     """Fine-tuning warm-up epochs (the paper: 7 of 10)."""
     device: str = "auto"
@@ -141,7 +143,7 @@ class StudyConfig:
             targets=(f"synthrad?n_train=1280&{options}", f"synthrad:unseen?n_train=480&{options}",
                      f"synthrad:unseen?n_train=480&{options}@16"),
             image_size=32, grid=8, blur_kernel=7, blur_sigma=3.0, pretrain_epochs=3, finetune_epochs=2,
-            fewshot_epochs=10, finetune_lr=0.01, warmup_epochs=0.5, threads=1, out="runs/study-quick",
+            fewshot_epochs=10, warmup_epochs=0.5, threads=1, out="runs/study-quick",
         )
 
     def resolved_targets(self) -> tuple[str, ...]:
@@ -184,7 +186,7 @@ class StudyConfig:
         self.pretrain_config("none", self.seeds[0], Path(self.out)).validate()
         for t in targets:
             for lr in (self.finetune_lr, self.scratch_lr, self.probe_lr):
-                replace(self.finetune_config(SCRATCH, t, self.seeds[0]), lr=lr).validate()
+                replace(self.finetune_config(SCRATCH, t, self.seeds[0]), lr=lr).validate()  # None: the default
 
     def pretrain_config(self, method: str, seed: int, run_dir: Path) -> PretrainConfig:
         env = EnvConfig(dataset=self.pretrain_dataset, classifier=self.classifier, batch_size=self.batch_size,
@@ -208,9 +210,14 @@ class StudyConfig:
             image_size=self.image_size, channels=1 if grayscale else None,
             epochs=self.fewshot_epochs if k and self.fewshot_epochs else self.finetune_epochs,
             lr=self.probe_lr if is_linear(target) else self.scratch_lr if scratch else self.finetune_lr,
-            linear_probe=is_linear(target), warmup_epochs=self.warmup_epochs,
+            linear_probe=is_linear(target), warmup_epochs=self.warmup_epochs, schedule=self.finetune_schedule,
             batch_size=self.batch_size, train_per_class=k, seed=seed, device=self.device, precision=self.precision,
-            workers=self.workers)
+            workers=self.workers).resolved()
+
+    def finetune_rates(self) -> dict[str, float]:
+        """The peak fine-tuning rate of each start, defaults resolved (for the results' description)."""
+        chosen = {"heated": self.finetune_lr, SCRATCH: self.scratch_lr, "linear_probe": self.probe_lr}
+        return {start: DEFAULT_LR[start] if lr is None else lr for start, lr in chosen.items()}
 
 
 LINEAR = "linear:"
@@ -546,8 +553,10 @@ def results_markdown(rows: list[dict[str, Any]], cfg: StudyConfig, targets: tupl
     n = len(cfg.seeds)
     pre = f"{cfg.pretrain_steps} steps" if cfg.pretrain_steps else f"{cfg.pretrain_epochs} epochs"
     fewshot = f" ({cfg.fewshot_epochs} on few-shot targets)" if cfg.fewshot_epochs else ""
-    finetuning = (f"fine-tuning on clean images for {cfg.finetune_epochs} epochs{fewshot} at lr {cfg.finetune_lr} "
-                  f"(scratch: {cfg.scratch_lr}), {cfg.warmup_epochs} warm-up epochs" if targets else "no fine-tuning")
+    rates = cfg.finetune_rates()
+    finetuning = (f"fine-tuning on clean images for {cfg.finetune_epochs} epochs{fewshot}, {cfg.finetune_schedule} "
+                  f"schedule from lr {rates['heated']} (scratch: {rates[SCRATCH]}, linear probe: "
+                  f"{rates['linear_probe']}) after {cfg.warmup_epochs} warm-up epochs" if targets else "no fine-tuning")
     setting = (
         f"Pretraining on `{cfg.pretrain_dataset}` ({cfg.classifier}, {cfg.image_size} px, {pre}, lr {cfg.pretrain_lr}, "
         f"grid {cfg.grid}, blur {cfg.blur_kernel}/{cfg.blur_sigma}); {finetuning}; batch {cfg.batch_size}; "

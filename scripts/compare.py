@@ -24,7 +24,7 @@ from dataclasses import fields
 from agents.registry import algo_names
 from agents.study import BALANCED_BIAS, Study, StudyConfig, bias_sweep
 from classifiers.cli import fail_cleanly
-from classifiers.finetune import SCRATCH
+from classifiers.finetune import SCHEDULES, SCRATCH
 from classifiers.train import PRECISIONS
 
 
@@ -57,9 +57,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--finetune-epochs", type=int, help=f"fine-tuning epochs (default: {d.finetune_epochs})")
     p.add_argument("--fewshot-epochs", type=int, help="fine-tuning epochs on few-shot targets "
                    "(default: --finetune-epochs)")
-    p.add_argument("--finetune-lr", type=float, help=f"fine-tuning learning rate (default: {d.finetune_lr})")
-    p.add_argument("--scratch-lr", type=float, help=f"learning rate of the scratch baseline (default: {d.scratch_lr})")
-    p.add_argument("--probe-lr", type=float, help=f"learning rate of linear: targets (default: {d.probe_lr})")
+    rates = d.finetune_rates()
+    p.add_argument("--finetune-lr", type=float, help=f"fine-tuning rate of heated models (default: {rates['heated']})")
+    p.add_argument("--scratch-lr", type=float, help=f"rate of the scratch baseline (default: {rates[SCRATCH]})")
+    p.add_argument("--probe-lr", type=float, help=f"rate of linear: targets (default: {rates['linear_probe']})")
+    p.add_argument("--finetune-schedule", choices=SCHEDULES, help="fine-tuning rate after the warm-up, for every "
+                   f"start (default: {d.finetune_schedule}; constant is the paper's)")
     p.add_argument("--warmup-epochs", type=float, help=f"fine-tuning warm-up epochs (default: {d.warmup_epochs})")
     p.add_argument("--device", help=f"auto, cpu or cuda (default: {d.device})")
     p.add_argument("--precision", choices=PRECISIONS, help="the classifiers' arithmetic: bf16 autocast or fp32; auto: "

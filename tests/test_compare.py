@@ -11,7 +11,7 @@ import compare
 import pytest
 
 from agents.study import Study, StudyConfig, paired_difference, parse_target
-from classifiers.finetune import Finetuner
+from classifiers.finetune import DEFAULT_LR, SCRATCH, Finetuner
 from classifiers.metrics import METRIC_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,7 +191,11 @@ def test_linear_probe_targets() -> None:
     cfg = StudyConfig(probe_lr=0.3, targets=("linear:synthrad:shifted", "synthrad:shifted"))
     probe, full = (cfg.finetune_config("x/heated.pt", t, 0) for t in cfg.targets)
     assert (probe.linear_probe, probe.lr, probe.dataset) == (True, 0.3, "synthrad:shifted")
-    assert (full.linear_probe, full.lr) == (False, cfg.finetune_lr)
+    assert (full.linear_probe, full.lr, full.schedule) == (False, DEFAULT_LR["heated"], "cosine")
+    scratch = cfg.finetune_config(SCRATCH, "synthrad:shifted", 0)
+    assert scratch.lr == DEFAULT_LR[SCRATCH] and scratch.schedule == "cosine"  # the same recipe for scratch
+    paper = StudyConfig(finetune_lr=1e-3, finetune_schedule="constant").finetune_config("x/heated.pt", "synthrad", 0)
+    assert (paper.lr, paper.schedule) == (1e-3, "constant")
 
 
 def test_diagnostics_over_the_run_keep_the_extreme_value_and_its_step(tmp_path: Path) -> None:
