@@ -10,6 +10,7 @@ import torch
 from torchvision.transforms import v2
 
 from agents.base import Action, Agent
+from agents.policy import cell_beta
 from envs.core import PretrainCore, StepResult
 
 
@@ -77,8 +78,8 @@ class UniformMask(Agent):
     def mask_distribution(self, images: torch.Tensor) -> torch.distributions.Beta:
         g = self.core.cfg.grid
         shape = (images.shape[0], g, g)
-        return torch.distributions.Beta(torch.full(shape, self.alpha, device=images.device),
-                                        torch.full(shape, self.beta, device=images.device))
+        return cell_beta(torch.full(shape, self.alpha, device=images.device),
+                         torch.full(shape, self.beta, device=images.device))
 
     def act(self, images: torch.Tensor) -> Action:
         return Action(grid=self.mask_distribution(images).sample())

@@ -125,7 +125,14 @@ def beta_distribution(policy: nn.Module, images: torch.Tensor, update_base: bool
     alpha, beta = policy(images, update_base)
     check_finite(alpha, "policy concentration alpha", step)
     check_finite(beta, "policy concentration beta", step)
-    return Beta(alpha, beta)
+    return cell_beta(alpha, beta)
+
+
+def cell_beta(alpha: torch.Tensor, beta: torch.Tensor) -> Beta:
+    """The per-cell Beta of concentrations the policies give: clamped to ``[CONC_MIN, CONC_MAX]``, checked finite, and
+    evaluated only at samples clamped inside (0, 1). So ``torch.distributions``' argument checks (about a dozen small
+    tensor operations at every construction and log-probability) are skipped; the values are the same."""
+    return Beta(alpha, beta, validate_args=False)
 
 
 def sample_mask(dist_: Beta) -> torch.Tensor:

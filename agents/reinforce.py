@@ -50,7 +50,16 @@ from torch.distributions import Beta
 from torch.nn.parallel import DistributedDataParallel
 
 from agents.base import Action, Agent
-from agents.policy import CONC_MAX, CONC_MIN, PARAMS, BetaMaskPolicy, beta_distribution, mask_log_prob, sample_mask
+from agents.policy import (
+    CONC_MAX,
+    CONC_MIN,
+    PARAMS,
+    BetaMaskPolicy,
+    beta_distribution,
+    cell_beta,
+    mask_log_prob,
+    sample_mask,
+)
 from classifiers.distributed import all_mean, is_distributed, world_size
 from classifiers.train import check_finite
 from envs.core import PretrainCore, StepResult
@@ -231,7 +240,7 @@ class Reinforce(Agent):
     def mask_distribution(self, images: torch.Tensor) -> Beta:
         """The per-cell Beta the agent draws ``images``' grids from, the policy's moving-average base left as it is."""
         alpha, beta = self.sampler(images, update_base=False)
-        return Beta(alpha, beta)
+        return cell_beta(alpha, beta)
 
     def act(self, images: torch.Tensor) -> Action:
         self.policy.train()
@@ -285,11 +294,12 @@ class Reinforce(Agent):
             loss.detach(), entropy.detach().mean(), adv.detach().std() if adv.numel() > 1 else adv.new_zeros(()),
             grad_norm.detach().float(), self.baseline.float(),
             alpha.mean(), alpha.std(), beta.mean(), beta.std(), (alpha / (alpha + beta)).mean(),
-        ]).tolist()
+        ])
         names = ["policy/loss", "policy/entropy", "policy/advantage_std", "policy/grad_norm", "policy/baseline",
                  "policy/alpha_mean", "policy/alpha_std", "policy/beta_mean", "policy/beta_std",
                  "policy/beta_mean_value"]
-        scalars = dict(zip(names, stats)) | {"policy/lr": self.optimizer.param_groups[0]["lr"]}
+        # 0-d tensors, read on the host only when the runner's logging window closes: no device sync per step.
+        scalars = dict(zip(names, stats.unbind())) | {"policy/lr": self.optimizer.param_groups[0]["lr"]}
         if self._loss_scale is not None:
             scalars["train/loss_scale"] = self._loss_scale
         return scalars

@@ -48,7 +48,7 @@ from classifiers.data import load_dataset, make_loader
 from classifiers.distributed import all_mean, barrier, init_from_env, is_main, shutdown
 from classifiers.heated import save_heated
 from classifiers.metrics import SCALAR_METRICS
-from classifiers.runlog import RunLogger, ScalarWindow, hparams_table, write_json
+from classifiers.runlog import RunLogger, ScalarWindow, Throughput, hparams_table, write_json
 from classifiers.train import evaluate, with_saved_precision
 from envs.core import EnvConfig, PretrainCore, StepResult
 
@@ -168,6 +168,7 @@ class PretrainRunner:
                 write_json(self.run_dir / "config.json", asdict(cfg))
                 self.logger.text("hyperparameters", hparams_table(self._flat_config()))
         self.window = ScalarWindow()
+        self.throughput = Throughput()
         self.last_val: dict[str, float] = {}
 
     def _flat_config(self) -> dict[str, Any]:
@@ -202,7 +203,15 @@ class PretrainRunner:
         return self.core.global_step >= self.total_steps
 
     def after_step(self, result: StepResult, scalars: dict[str, Any]) -> None:
-        """Called after every classifier step: accumulate, log, evaluate at epoch end, checkpoint."""
+        """Called after every classifier step: accumulate, log, evaluate at epoch end, checkpoint. Its time is kept
+        off the window's clock (``perf/overhead`` reports it)."""
+        since = time.perf_counter()
+        try:
+            self._after_step(result, scalars)
+        finally:
+            self.window.exclude(since)
+
+    def _after_step(self, result: StepResult, scalars: dict[str, Any]) -> None:
         step = self.core.global_step
         grid = result.grid  # as applied, after any mask budget
         values = {"train/loss": result.loss.mean(), "train/accuracy": result.correct.mean(),
@@ -233,15 +242,16 @@ class PretrainRunner:
         checkpoint does."""
         if not ((self.checkpoint_pending or force) and self.agent.checkpoint_ready()):
             return
+        since = time.perf_counter()
         if self.window.steps:
             self._log_window(self.core.global_step)
             self.core.sync_buffers()
         self.save_checkpoint()
+        self.window.exclude(since)
 
     def _log_window(self, step: int) -> None:
         means = {k: all_mean(v.to(self.core.dev.device)).item() for k, v in self.window.means().items()}
-        images = self.window.steps * self.cfg.env.batch_size * self.core.world_size
-        means["perf/images_per_second"] = images / max(self.window.elapsed(), 1e-9)
+        means |= self.throughput.close(self.window, self.window.steps * self.cfg.env.batch_size * self.core.world_size)
         means["train/lr"] = self.core.optimizer.param_groups[0]["lr"]
         means["train/epoch"] = float(self.core.epoch)
         if self.main:
@@ -331,6 +341,8 @@ class PretrainRunner:
         """Train to the end; write ``heated.pt``; return the run folder."""
         self.pbar = tqdm(total=self.total_steps, initial=self.core.global_step, disable=not self.main,
                          desc=f"pretrain {self.cfg.algo} ({self.core.dev.precision})", unit="step", dynamic_ncols=True)
+        self.window.reset()  # the clocks start with the steps
+        self.throughput = Throughput()
         try:
             if not self.done():
                 self.agent.learn(self)

@@ -88,7 +88,7 @@ from torch.distributions import Beta
 from torch.utils.tensorboard import SummaryWriter
 
 from agents.base import Agent
-from agents.policy import CONC_MAX, CONC_MIN, GridFeatures, mask_log_prob, sample_mask
+from agents.policy import CONC_MAX, CONC_MIN, GridFeatures, cell_beta, mask_log_prob, sample_mask
 from agents.registry import BUDGETED_ENV, register
 from classifiers.io import atomic_write
 from classifiers.train import NonFiniteError
@@ -139,7 +139,7 @@ class BetaDistribution(Distribution):
                                  f"(for example {bad[:4].tolist()}); nothing was updated with them. Lower "
                                  "--policy-lr or check the inputs")
         raw_alpha, raw_beta = params.chunk(2, dim=-1)
-        self.distribution = Beta(beta_concentration(raw_alpha), beta_concentration(raw_beta))
+        self.distribution = cell_beta(beta_concentration(raw_alpha), beta_concentration(raw_beta))
         return self
 
     def log_prob(self, actions: torch.Tensor) -> torch.Tensor:
@@ -313,7 +313,7 @@ class BetaActorCriticPolicy(ActorCriticPolicy):
             self.set_training_mode(was_training)
         dist = BetaDistribution(self.action_dist.action_dim).proba_distribution(params).distribution
         shape = (images.shape[0], *self.action_space.shape)
-        return Beta(dist.concentration1.view(shape), dist.concentration0.view(shape))
+        return cell_beta(dist.concentration1.view(shape), dist.concentration0.view(shape))
 
 
 @dataclass

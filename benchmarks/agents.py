@@ -33,10 +33,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from throughput import StepClock  # noqa: E402
+
 from agents.registry import make_agent  # noqa: E402
 from classifiers.data import DataSpec, load_dataset  # noqa: E402
 from classifiers.train import PRECISIONS, resolve_device, resolve_precision  # noqa: E402
-from envs.core import EnvConfig, PretrainCore, StepResult  # noqa: E402
+from envs.core import EnvConfig, PretrainCore  # noqa: E402
 
 ALGOS = ("none", "reinforce", "ppo", "a2c")
 
@@ -56,34 +58,6 @@ PROFILE_PARTS: dict[str, list[tuple[str, str | None]]] = {
 }
 """The functions whose cumulative time makes up each part of a profiled run: ``(function, caller)`` regexes
 over ``file:line(name)``; with a caller, only the time of calls from matching callers counts."""
-
-
-class StepClock:
-    """The part of the pretraining runner an agent's ``learn`` uses: it stops the agent after
-    ``warmup + steps`` classifier steps and times the last ``steps``."""
-
-    run_dir = None  # no files: stable-baselines3 logs nowhere
-
-    def __init__(self, core: PretrainCore, warmup: int, steps: int) -> None:
-        self.core, self.warmup, self.total = core, warmup, warmup + steps
-        self.start = self.end = 0.0
-
-    def _now(self) -> float:
-        if self.core.dev.cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    def done(self) -> bool:
-        return self.core.global_step >= self.total
-
-    def after_step(self, result: StepResult, scalars: dict[str, Any]) -> None:
-        if self.core.global_step == self.warmup:
-            self.start = self._now()
-        elif self.core.global_step == self.total:
-            self.end = self._now()
-
-    def save_pending_checkpoint(self, force: bool = False) -> None:
-        pass
 
 
 def build(args: argparse.Namespace, data: DataSpec, algo: str) -> tuple[PretrainCore, Any, StepClock]:
@@ -118,7 +92,7 @@ def measure(args: argparse.Namespace, data: DataSpec, algo: str) -> dict[str, fl
     rss_before = _status_mib("VmRSS")
     core, agent, clock = build(args, data, algo)
     agent.learn(clock)
-    out = {"images_per_second": args.steps * args.batch_size / (clock.end - clock.start)}
+    out = {"images_per_second": args.steps * args.batch_size / clock.wall}
     if core.dev.cuda:
         out["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     else:

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Pretraining throughput on a GPU: none, uniform-mask, reinforce and reinforce (official) with resnet50 at
-# 224 px and the paper's 64 x 64 mask grid (bf16 autocast, channels-last), printed as a Markdown table
-# (benchmarks/throughput.py; see its docstring for how the measurement is made fair).
+# Pretraining throughput on a GPU in the paper's setting (benchmarks/throughput.py --preset paper: resnet50 at
+# 224 px, the 64 x 64 mask grid, bf16 autocast where the GPU computes it, channels-last): every agent's images per
+# second and ratio to plain training (none, uniform-mask, reinforce, reinforce-official, reinforce-budget, ppo, a2c),
+# printed as a Markdown table (see throughput.py's docstring for how the measurement is made fair).
 #
 # The lent GPU machines hold PyTorch, torchvision, TensorBoard, tqdm, scikit-learn, pandas and matplotlib
 # but neither gymnasium nor stable-baselines3, and reach no package registry. So, once, where pip reaches PyPI:
 #     bash benchmarks/gpu.sh --prepare      # three pure-Python wheels into .whl/ (kept out of git)
 # then on the GPU machine, in one call that carries .whl:
-#     bash benchmarks/gpu.sh                # about 2-4 minutes of work; extra arguments go to throughput.py
+#     bash benchmarks/gpu.sh                # about 3-5 minutes of work; extra arguments go to throughput.py
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,6 +39,7 @@ export NOISEMASK_CACHE=${NOISEMASK_CACHE:-/tmp/noisemask-cache}
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 echo "cpu cores: $(nproc)"
-# 4 agents x (10 + 3 x 40) steps at batch 32; 2048 training images make an epoch 64 steps (epoch ends are untimed).
-timeout 420 "$PY" benchmarks/throughput.py --classifier resnet50 --image-size 224 --batch-size 32 --grid 64 \
-    --blur-kernel 13 --blur-sigma 6 --device cuda --steps 40 --rounds 3 --warmup 10 --workers 6 --n-train 2048 "$@"
+# 7 agents x 3 rounds x (8 + 24) steps at batch 32; 2048 training images make an epoch 64 steps (epoch starts are
+# untimed); a fresh core per agent and round. The whole call stays under 8 minutes.
+timeout 450 "$PY" benchmarks/throughput.py --preset paper --device cuda --steps 24 --rounds 3 --warmup 8 \
+    --workers 6 "$@"

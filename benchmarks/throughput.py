@@ -1,124 +1,206 @@
 #!/usr/bin/env python
-"""Images per second of pretraining with no mask, a fixed Beta(1, 1) mask and our REINFORCE policy, side by side.
+"""Images per second of pretraining with every agent, side by side, as a ratio to plain training (``none``).
 
-    python benchmarks/throughput.py                  # resnet18, 64 px, batch 32, grid 16, on this machine
-    python benchmarks/throughput.py --classifier resnet50 --image-size 224 --grid 64 --device cuda
+    python benchmarks/throughput.py --preset demo          # make demo's setting: smallcnn, 32 px, grid 8, 1 thread
+    python benchmarks/throughput.py --preset study         # the README's long study (the same step, more data)
+    python benchmarks/throughput.py --preset resnet18      # resnet18, 64 px, grid 16
+    python benchmarks/throughput.py --preset paper --device cuda    # resnet50, 224 px, grid 64 (benchmarks/gpu.sh)
+    python benchmarks/throughput.py --preset demo --agents none,reinforce --precision bf16
 
-All agents drive one environment core in one process: the same classifier, optimiser and data stream.
-After ``--warmup`` untimed steps each, they are measured in ``--rounds`` rounds of ``--steps`` steps, the
-order rotated every round, so slow drift of the machine (other jobs, clocks) falls on every agent alike;
-figures are medians over rounds and each ratio is the median of its per-round ratios. Within a step the
-agent's ``act`` (policy forward and sampling) and ``observe`` (the policy's update) are timed apart from
-the environment step (mask, classifier forward, backward and update, next batch), which gives the
-policy's share of a step directly. Epoch ends fall outside the timed steps. On CUDA the parts are timed
-with CUDA events, the total with the wall clock.
+Every agent runs through its own ``learn`` loop, as in a real run: ``act`` -> environment step -> ``observe`` for
+ours and the baselines, stable-baselines3's rollout collection and update for ``ppo`` and ``a2c``, with the
+registry's environment settings (``reinforce-budget``: the budgeted reward). Only the runner's bookkeeping
+(logging, evaluation, checkpoints) is left out: ``--runs`` measures that in real runs (below). In each of
+``--rounds`` rounds, every agent drives a fresh environment core (the same seed, classifier and data) for
+``--warmup`` untimed and ``--steps`` timed steps, the agents' order rotated every round, so slow drift of the
+machine falls on every agent alike. Figures are medians over rounds, and each ratio is the median of its
+per-round ratios to ``none``. Epoch starts (a new loader iterator) are left out of the timed steps. Within a
+step, the environment step (mask, classifier forward, backward and update, next batch) is timed apart, so
+"agent share" is the part of a step that only the agent costs (on CUDA, timed with CUDA events).
+
+``--runs N`` instead runs N steps of a real pretraining run per agent (``agents.runner.pretrain``: logging every
+10 steps with the policy diagnostics, image grids every 100, evaluation at every epoch end, checkpoints) into a
+temporary folder and reports the median of the ``perf/images_per_second`` the run logged.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agents.base import Agent  # noqa: E402
-from agents.registry import make_agent  # noqa: E402
+from agents.registry import AGENTS, environment_for, make_agent  # noqa: E402
+from agents.runner import PretrainConfig, pretrain  # noqa: E402
+from agents.study import StudyConfig  # noqa: E402
+from classifiers.data import DataSpec, load_dataset  # noqa: E402
 from classifiers.train import PRECISIONS  # noqa: E402
-from envs.core import EnvConfig, PretrainCore  # noqa: E402
+from envs.core import EnvConfig, PretrainCore, StepResult  # noqa: E402
 
-AGENTS = {
-    "none": ("none", {}),
-    "uniform-mask": ("uniform-mask", {}),
-    "reinforce": ("reinforce", {}),
-    "reinforce (official)": ("reinforce", {"objective": "official"}),
+_QUICK = StudyConfig.quick()
+_SMALL = dict(classifier=_QUICK.classifier, image_size=_QUICK.image_size, batch_size=_QUICK.batch_size,
+              grid=_QUICK.grid, blur_kernel=_QUICK.blur_kernel, blur_sigma=_QUICK.blur_sigma, threads=_QUICK.threads)
+PRESETS: dict[str, dict[str, Any]] = {
+    "demo": dict(_SMALL, dataset=_QUICK.pretrain_dataset),
+    "study": dict(_SMALL, dataset="synthrad?n_train=2000&n_val=300&n_test=600"),
+    "resnet18": dict(classifier="resnet18", image_size=64, batch_size=32, grid=16, blur_kernel=13, blur_sigma=6.0,
+                     dataset="synthrad?n_train=2048&n_val=16&n_test=16"),
+    "paper": dict(classifier="resnet50", image_size=224, batch_size=32, grid=64, blur_kernel=13, blur_sigma=6.0,
+                  dataset="synthrad?n_train=2048&n_val=16&n_test=16"),
 }
-"""Row name -> (registry name, options)."""
+"""Named settings: ``demo`` is ``make demo``'s (``StudyConfig.quick``), ``study`` the README's long study, ``paper``
+the paper's classifier, image size and grid."""
+DEFAULT_AGENTS = ("none", "uniform-mask", "reinforce", "reinforce-official", "reinforce-budget", "ppo", "a2c")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--classifier", default="resnet18", help="smallcnn, resnet18, resnet34 or resnet50")
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--grid", type=int, default=16, help="side G of the noise-mask grid")
-    p.add_argument("--blur-kernel", type=int, default=13)
-    p.add_argument("--blur-sigma", type=float, default=6.0)
-    p.add_argument("--steps", type=int, default=2, help="timed steps per agent and round")
-    p.add_argument("--rounds", type=int, default=8)
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per agent before the rounds")
+    p.add_argument("--preset", choices=PRESETS, default="resnet18", help="named setting; the options below override it")
+    p.add_argument("--classifier", help="smallcnn, resnet18, resnet34 or resnet50")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--grid", type=int, help="side G of the noise-mask grid")
+    p.add_argument("--blur-kernel", type=int)
+    p.add_argument("--blur-sigma", type=float)
+    p.add_argument("--dataset", help="dataset specification (epoch starts are untimed)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: the preset's, else torch's)")
+    p.add_argument("--agents", default=",".join(DEFAULT_AGENTS), help="comma-separated algo names (agents.registry)")
+    p.add_argument("--steps", type=int, default=16, help="timed steps per agent and round (a multiple of 8 for ppo and "
+                   "a2c, whose rollouts are 8 steps)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=8, help="untimed steps per agent and round first")
+    p.add_argument("--runs", type=int, default=None, metavar="STEPS",
+                   help="instead: a real pretraining run of STEPS steps per agent; report its logged images/s")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="the classifier's arithmetic")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
-    p.add_argument("--n-train", type=int, default=2048, help="synthrad training images (epoch ends are untimed)")
-    p.add_argument("--agents", default=",".join(AGENTS), help=f"comma-separated rows out of: {', '.join(AGENTS)}")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
 
 
-class Clock:
-    """Marks in time: the wall clock on a CPU, CUDA events on a GPU (they time the device's own work)."""
+def env_config(args: argparse.Namespace, algo: str) -> EnvConfig:
+    """The environment ``algo`` runs in: the benchmark's setting with the registry's settings for the algo."""
+    cfg = EnvConfig(dataset=args.dataset, classifier=args.classifier, batch_size=args.batch_size,
+                    image_size=args.image_size, grid=args.grid, blur_kernel=args.blur_kernel,
+                    blur_sigma=args.blur_sigma, device=args.device, precision=args.precision, workers=args.workers,
+                    seed=0)
+    return environment_for(algo, cfg)
 
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
 
-    def mark(self):
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
+class Timer:
+    """Sums the time of the calls it wraps: the wall clock on a CPU, CUDA events on a GPU (the device's own work)."""
 
-    def seconds(self, start, end) -> float:
-        return start.elapsed_time(end) / 1000.0 if self.cuda else end - start
+    def __init__(self, cuda: bool) -> None:
+        self.cuda, self.events, self.seconds = cuda, [], 0.0
 
-    def sync(self) -> None:
+    def wrap(self, fn):
+        def timed(*args, **kwargs):
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                out = fn(*args, **kwargs)
+                end.record()
+                self.events.append((start, end))
+                return out
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            self.seconds += time.perf_counter() - start
+            return out
+        return timed
+
+    def total(self) -> float:
         if self.cuda:
             torch.cuda.synchronize()
+            self.seconds += sum(s.elapsed_time(e) / 1000.0 for s, e in self.events)
+            self.events = []
+        return self.seconds
+
+    def reset(self) -> None:
+        self.total()
+        self.seconds = 0.0
+
+
+class StepClock:
+    """The part of the pretraining runner an agent's ``learn`` uses: it stops the agent after ``warmup + steps``
+    classifier steps and times the last ``steps``, without epoch starts; the environment step is timed apart."""
+
+    run_dir = None  # no files: stable-baselines3 logs nowhere
+
+    def __init__(self, core: PretrainCore, warmup: int, steps: int) -> None:
+        self.core, self.warmup, self.total = core, warmup, warmup + steps
+        self.cuda = core.dev.cuda
+        self.env, self.epoch_starts = Timer(self.cuda), Timer(False)
+        core.step = self.env.wrap(core.step)
+        core.reset = self.epoch_starts.wrap(core.reset)
+        self.start = self.end = 0.0
+        self.env_seconds = 0.0
+
+    def _now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def done(self) -> bool:
+        return self.core.global_step >= self.total
+
+    def after_step(self, result: StepResult, scalars: dict[str, Any]) -> None:
+        if self.core.global_step == self.warmup:
+            self.env.reset()
+            self.epoch_starts.reset()
+            self.start = self._now()
+        elif self.core.global_step == self.total:
+            self.end = self._now()
+            self.env_seconds = self.env.total()
+
+    def save_pending_checkpoint(self, force: bool = False) -> None:
+        pass
+
+    @property
+    def wall(self) -> float:
+        """Seconds of the timed steps, epoch starts excluded."""
+        return self.end - self.start - self.epoch_starts.total()
 
 
 @dataclass
 class Timing:
-    """Seconds per timed block (one per round) and per step part, summed over a block."""
+    """Per round: seconds of the timed steps, and of their environment steps."""
 
     wall: list[float] = field(default_factory=list)
-    act: list[float] = field(default_factory=list)
     env: list[float] = field(default_factory=list)
-    observe: list[float] = field(default_factory=list)
 
 
-def run_steps(agent: Agent, core: PretrainCore, steps: int, clock: Clock, timing: Timing | None) -> None:
-    """``steps`` steps of act -> environment step -> observe; recorded into ``timing`` unless it is None."""
-    marks = []
-    clock.sync()
-    start = time.perf_counter()
-    for _ in range(steps):
-        if core.exhausted:  # an epoch end (a new loader iterator) is no part of a step: keep it out of the timing
-            clock.sync()
-            paused = time.perf_counter()
-            core.reset()
-            clock.sync()
-            start += time.perf_counter() - paused
-        m0 = clock.mark()
-        action = agent.act(core.images)
-        m1 = clock.mark()
-        result = core.step(grid=action.grid, perturb=action.perturb)
-        m2 = clock.mark()
-        agent.observe(result)
-        marks.append((m0, m1, m2, clock.mark()))
-    clock.sync()
-    wall = time.perf_counter() - start
-    if timing is not None:
-        timing.wall.append(wall)
-        timing.act.append(sum(clock.seconds(a, b) for a, b, _, _ in marks))
-        timing.env.append(sum(clock.seconds(b, c) for _, b, c, _ in marks))
-        timing.observe.append(sum(clock.seconds(c, d) for _, _, c, d in marks))
+def measure(args: argparse.Namespace, data: DataSpec, algo: str, timing: Timing) -> None:
+    """One round of ``algo``: a fresh core and agent, ``warmup`` untimed then ``steps`` timed steps of its learn."""
+    core = PretrainCore(env_config(args, algo), data=data)
+    agent = make_agent(algo, {})
+    clock = StepClock(core, args.warmup, args.steps)
+    agent.bind(core, clock.total)
+    torch.manual_seed(0)
+    core.reset(seed=0)
+    agent.learn(clock)
+    timing.wall.append(clock.wall)
+    timing.env.append(clock.env_seconds)
+
+
+def logged_images_per_second(args: argparse.Namespace, algo: str, steps: int, folder: Path) -> list[float]:
+    """The ``perf/images_per_second`` windows a real pretraining run of ``steps`` steps logged."""
+    run_dir = folder / algo
+    pretrain(PretrainConfig(algo=algo, env=env_config(args, algo), max_steps=steps, run_dir=str(run_dir)))
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["perf/images_per_second"] for r in rows if "perf/images_per_second" in r]
 
 
 def describe_machine(device: torch.device) -> str:
@@ -142,55 +224,43 @@ def main(argv: list[str] | None = None) -> int:
     names = [n.strip() for n in args.agents.split(",") if n.strip()]
     unknown = [n for n in names if n not in AGENTS]
     if unknown or not names or min(args.steps, args.rounds) < 1 or args.warmup < 0:
-        print(f"error: agents must be some of {', '.join(AGENTS)} (got {unknown or names}); steps and rounds at "
-              "least 1, warmup 0 or more", file=sys.stderr)
+        print(f"error: agents must be some of {', '.join(sorted(AGENTS))} (got {unknown or names}); steps and rounds "
+              "at least 1, warmup 0 or more", file=sys.stderr)
         return 2
-    dataset = f"synthrad?n_train={args.n_train}&n_val=16&n_test=16"
-    cfg = EnvConfig(dataset=dataset, classifier=args.classifier, batch_size=args.batch_size,
-                    image_size=args.image_size, grid=args.grid, blur_kernel=args.blur_kernel,
-                    blur_sigma=args.blur_sigma, device=args.device, precision=args.precision, workers=args.workers)
-    core = PretrainCore(cfg)
-    core.reset(seed=0)
-    clock = Clock(core.dev.device)
-    total = args.warmup + args.rounds * args.steps
-    agents: dict[str, Agent] = {}
-    for name in names:
-        algo, options = AGENTS[name]
-        agents[name] = make_agent(algo, options)
-        agents[name].bind(core, total)
-    for name in names:
-        run_steps(agents[name], core, args.warmup, clock, None)
-    timings = {name: Timing() for name in names}
-    for r in range(args.rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for name in order:
-            run_steps(agents[name], core, args.steps, clock, timings[name])
+    data = load_dataset(args.dataset, image_size=args.image_size)
+    probe = PretrainCore(env_config(args, "none"), data=data)
+    setting = (f"{args.classifier}, {args.image_size} px, batch {args.batch_size}, grid {args.grid}, blur "
+               f"{args.blur_kernel}/{args.blur_sigma}; machine: {describe_machine(probe.dev.device)}; classifier in "
+               f"{probe.dev.precision}")
+    if args.runs:
+        with tempfile.TemporaryDirectory() as tmp:
+            logged = {n: logged_images_per_second(args, n, args.runs, Path(tmp)) for n in names}
+        print(f"\npreset {args.preset}: {setting}; real runs of {args.runs} steps, logged perf/images_per_second\n")
+        print("| agent | images/s, median of windows (min-max) | vs none |\n|-|-|-|")
+        for n in names:
+            ips = statistics.median(logged[n])
+            ratio = f"{ips / statistics.median(logged['none']):.3f}" if "none" in logged else "-"
+            print(f"| {n} | {ips:.1f} ({min(logged[n]):.1f}-{max(logged[n]):.1f}) | {ratio} |")
+        return 0
 
-    b, n = args.batch_size, args.steps
-    classifier_params = sum(p.numel() for p in core.classifier.parameters())
-    print(f"\n{args.classifier}, {args.image_size} px, batch {b}, grid {args.grid}, blur {args.blur_kernel}/"
-          f"{args.blur_sigma}; {args.rounds} rounds x {n} steps after {args.warmup} warm-up steps per agent")
-    print(f"machine: {describe_machine(core.dev.device)}; classifier in {core.dev.precision}")
-    print(f"classifier parameters: {classifier_params:,}")
-    for name, agent in agents.items():
-        if hasattr(agent, "policy"):
-            print(f"policy parameters ({name}): {sum(p.numel() for p in agent.policy.parameters()):,}")
-            break
-    print("\n| agent | images/s | step (ms) | act (ms) | env step (ms) | observe (ms) | agent share | vs none |")
-    print("|-|-|-|-|-|-|-|-|")
-    for name in names:
-        t = timings[name]
-        ips = statistics.median(b * n / w for w in t.wall)
-        parts = [statistics.median(x) / n * 1000 for x in (t.act, t.env, t.observe)]
-        share = statistics.median((a + o) / (a + e + o) for a, e, o in zip(t.act, t.env, t.observe))
-        ratio = (f"{statistics.median(tn / tw for tn, tw in zip(timings['none'].wall, t.wall)):.3f}"
-                 if "none" in timings else "-")
-        print(f"| {name} | {ips:.1f} | {statistics.median(t.wall) / n * 1000:.1f} | {parts[0]:.2f} | "
-              f"{parts[1]:.1f} | {parts[2]:.2f} | {share:.1%} | {ratio} |")
-    if "none" in timings and "reinforce" in timings:
-        ratios = [tn / tr for tn, tr in zip(timings["none"].wall, timings["reinforce"].wall)]
-        print(f"\nratio reinforce / none (images per second): {statistics.median(ratios):.3f} "
-              f"(rounds: {', '.join(f'{x:.3f}' for x in ratios)}); target 0.90")
+    timings = {n: Timing() for n in names}
+    for r in range(args.rounds):
+        for n in names[r % len(names):] + names[: r % len(names)]:
+            measure(args, data, n, timings[n])
+    b, s = args.batch_size, args.steps
+    print(f"\npreset {args.preset}: {setting}; {args.rounds} rounds x {s} steps after {args.warmup} warm-up steps per "
+          "agent and round\n")
+    print("| agent | images/s | step (ms) | env step (ms) | agent share | vs none (rounds: min-max) |\n|-|-|-|-|-|-|")
+    for n in names:
+        t = timings[n]
+        share = statistics.median(1 - e / w for e, w in zip(t.env, t.wall))
+        ratio = "-"
+        if "none" in timings:
+            ratios = [wn / w for wn, w in zip(timings["none"].wall, t.wall)]
+            ratio = f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})"
+        ips, step_ms = statistics.median(b * s / w for w in t.wall), statistics.median(t.wall) / s * 1000
+        env_ms = statistics.median(t.env) / s * 1000
+        print(f"| {n} | {ips:.1f} | {step_ms:.1f} | {env_ms:.1f} | {share:.1%} | {ratio} |")
     return 0
 
 

@@ -55,7 +55,7 @@ from classifiers.distributed import all_mean, average_buffers, barrier, init_fro
 from classifiers.heated import load_heated, save_heated
 from classifiers.metrics import SCALAR_METRICS
 from classifiers.models import ARCHITECTURES, LinearProbe, build_classifier, replace_head
-from classifiers.runlog import RunLogger, ScalarWindow, hparams_table, write_json
+from classifiers.runlog import RunLogger, ScalarWindow, Throughput, hparams_table, write_json
 from classifiers.train import (
     DevicePolicy,
     Normalizer,
@@ -304,6 +304,7 @@ class Finetuner:
                                    "effective_batch_size": self.batch_size * world,
                                    "resolved_device": str(self.dev.device)}))
         self.window = ScalarWindow()
+        self.throughput = Throughput()
         self.pbar: tqdm | None = None
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
@@ -322,15 +323,16 @@ class Finetuner:
             self.pbar.update(1)
         checkpoint = self.global_step % self.cfg.ckpt_every == 0 and self.step_in_epoch < self.steps_per_epoch
         # Windows close at every checkpoint, so a resumed run logs what an uninterrupted one does.
+        since = time.perf_counter()
         if self.global_step % self.cfg.log_every == 0 or checkpoint or self.step_in_epoch == self.steps_per_epoch:
             self.log_window()
         if checkpoint:
             self.save_checkpoint()
+        self.window.exclude(since)
 
     def log_window(self) -> None:
         means = {k: all_mean(v.to(self.dev.device)).item() for k, v in self.window.means().items()}
-        means["perf/images_per_second"] = self.window.steps * self.batch_size * self.world / max(
-            self.window.elapsed(), 1e-9)
+        means |= self.throughput.close(self.window, self.window.steps * self.batch_size * self.world)
         means["train/epoch"] = float(self.epoch)
         self.logger.scalars(self.global_step, means)
         if self.pbar is not None:
@@ -368,17 +370,21 @@ class Finetuner:
                          desc=f"finetune {Path(self.cfg.init).parent.name or self.cfg.init} ({self.dev.precision})",
                          unit="step",
                          dynamic_ncols=True)
+        self.window.reset()  # the clocks start with the steps
+        self.throughput = Throughput()
         try:
             while self.epoch < self.cfg.epochs:
                 self.loader.sampler.set_epoch(self.epoch, self.step_in_epoch * self.batch_size)
                 for images, labels in self.loader:
                     self.train_step(images, labels)
+                since = time.perf_counter()
                 average_buffers(self.model)
                 if self.main:
                     self.evaluate_split("val")
                 barrier()
                 self.epoch, self.step_in_epoch = self.epoch + 1, 0
                 self.save_checkpoint()
+                self.window.exclude(since)
             if self.main:
                 self.finish()
         finally:

@@ -54,6 +54,7 @@ class ScalarWindow:
         self.values: dict[str, list[torch.Tensor]] = {}
         self.steps = 0
         self.start = time.perf_counter()
+        self.excluded = 0.0
 
     def add(self, values: dict[str, float | torch.Tensor]) -> None:
         """Record one step's scalars."""
@@ -65,9 +66,29 @@ class ScalarWindow:
         """The mean of each scalar over the window, as 0-d tensors."""
         return {k: torch.stack(v).mean() for k, v in self.values.items()}
 
+    def exclude(self, since: float) -> None:
+        """Leave the time from ``since`` (a ``time.perf_counter()`` reading) to now off this window's clock: the run's
+        bookkeeping between steps (logging, evaluation, checkpoints), so that images per second measure the steps."""
+        self.excluded += time.perf_counter() - max(since, self.start)
+
     def elapsed(self) -> float:
-        """Seconds since the window started."""
-        return time.perf_counter() - self.start
+        """Seconds of steps since the window started (the excluded bookkeeping left out)."""
+        return time.perf_counter() - self.start - self.excluded
+
+
+class Throughput:
+    """The ``perf/`` scalars of a logging window: ``perf/images_per_second`` over the window's steps (its clock,
+    bookkeeping excluded), and ``perf/overhead``, the share of the wall time since the previous window's close that
+    went to the run's bookkeeping (logging, diagnostics, image grids, evaluation, checkpoints) rather than steps."""
+
+    def __init__(self) -> None:
+        self.closed = time.perf_counter()
+
+    def close(self, window: ScalarWindow, images: int) -> dict[str, float]:
+        now = time.perf_counter()
+        steps, wall = max(window.elapsed(), 1e-9), max(now - self.closed, 1e-9)
+        self.closed = now
+        return {"perf/images_per_second": images / steps, "perf/overhead": max(0.0, 1.0 - steps / wall)}
 
 
 class RunLogger:

@@ -21,8 +21,8 @@ SB3_ALGOS = {"ppo", "a2c", "ppo-budget", "a2c-budget"}
 """Covered by tests/test_sb3.py (the budgeted ones by tests/test_budget.py)."""
 ALGOS = [a for a in algo_names() if a not in SB3_ALGOS]
 COMMON_SCALARS = {"train/loss", "train/accuracy", "train/lr", "train/epoch", "reward/mean", "reward/std",
-                  "perf/images_per_second", "val/loss", "val/accuracy", "val/balanced_accuracy", "val/macro_f1",
-                  "val/roc_auc"}
+                  "perf/images_per_second", "perf/overhead", "val/loss", "val/accuracy", "val/balanced_accuracy",
+                  "val/macro_f1", "val/roc_auc"}
 MASK_SCALARS = {"mask/mean", "mask/std"}
 POLICY_SCALARS = {"policy/loss", "policy/entropy", "policy/advantage_std", "policy/grad_norm", "policy/baseline",
                   "policy/alpha_mean", "policy/beta_mean", "policy/beta_mean_value", "policy/lr"}
@@ -111,6 +111,7 @@ def test_tensorboard_holds_scalars_images_histograms_and_hyperparameters(script,
     assert [e.step for e in acc.Scalars("val/accuracy")] == [4]
     assert 0.0 <= acc.Scalars("val/accuracy")[0].value <= 1.0
     assert all(e.value > 0 for e in acc.Scalars("perf/images_per_second"))
+    assert all(0.0 <= e.value < 1.0 for e in acc.Scalars("perf/overhead"))
     assert all(0.0 <= e.value <= 1.0 for e in acc.Scalars("mask/mean"))
 
     # the same scalars in metrics.jsonl as in TensorBoard
@@ -209,3 +210,26 @@ def test_a_checkpoint_the_code_no_longer_fits_is_refused_in_one_line(script, syn
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"the checkpoint in {run_dir} does not fit" in err and "--run-dir" in err
     assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == saved
+
+
+def test_the_runs_bookkeeping_is_kept_off_images_per_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A window's images per second count its steps' time only; the bookkeeping between steps (logging, image grids,
+    evaluation, checkpoints), also when it runs after the window closed, is reported as ``perf/overhead``."""
+    from classifiers import runlog
+
+    now = [0.0]
+    monkeypatch.setattr(runlog.time, "perf_counter", lambda: now[0])
+    window, throughput = runlog.ScalarWindow(), runlog.Throughput()
+    now[0] = 1.0  # one second of steps, then two of bookkeeping
+    since = now[0]
+    now[0] = 3.0
+    window.exclude(since)
+    assert window.elapsed() == 1.0
+    closed = throughput.close(window, images=64)
+    assert closed == {"perf/images_per_second": 64.0, "perf/overhead": pytest.approx(2 / 3)}
+    window.reset()
+    now[0] = 4.0  # bookkeeping that began before the window was reset (the evaluation after a window's close)
+    window.exclude(since=2.5)
+    now[0] = 5.0
+    assert window.elapsed() == 1.0
+    assert throughput.close(window, images=32) == {"perf/images_per_second": 32.0, "perf/overhead": 0.5}
