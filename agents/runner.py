@@ -205,11 +205,8 @@ class PretrainRunner:
     def after_step(self, result: StepResult, scalars: dict[str, Any]) -> None:
         """Called after every classifier step: accumulate, log, evaluate at epoch end, checkpoint. Its time is kept
         off the window's clock (``perf/overhead`` reports it)."""
-        since = time.perf_counter()
-        try:
+        with self.window.paused():
             self._after_step(result, scalars)
-        finally:
-            self.window.exclude(since)
 
     def _after_step(self, result: StepResult, scalars: dict[str, Any]) -> None:
         step = self.core.global_step
@@ -242,12 +239,11 @@ class PretrainRunner:
         checkpoint does."""
         if not ((self.checkpoint_pending or force) and self.agent.checkpoint_ready()):
             return
-        since = time.perf_counter()
-        if self.window.steps:
-            self._log_window(self.core.global_step)
-            self.core.sync_buffers()
-        self.save_checkpoint()
-        self.window.exclude(since)
+        with self.window.paused():
+            if self.window.steps:
+                self._log_window(self.core.global_step)
+                self.core.sync_buffers()
+            self.save_checkpoint()
 
     def _log_window(self, step: int) -> None:
         means = {k: all_mean(v.to(self.core.dev.device)).item() for k, v in self.window.means().items()}

@@ -323,12 +323,11 @@ class Finetuner:
             self.pbar.update(1)
         checkpoint = self.global_step % self.cfg.ckpt_every == 0 and self.step_in_epoch < self.steps_per_epoch
         # Windows close at every checkpoint, so a resumed run logs what an uninterrupted one does.
-        since = time.perf_counter()
-        if self.global_step % self.cfg.log_every == 0 or checkpoint or self.step_in_epoch == self.steps_per_epoch:
-            self.log_window()
-        if checkpoint:
-            self.save_checkpoint()
-        self.window.exclude(since)
+        with self.window.paused():
+            if self.global_step % self.cfg.log_every == 0 or checkpoint or self.step_in_epoch == self.steps_per_epoch:
+                self.log_window()
+            if checkpoint:
+                self.save_checkpoint()
 
     def log_window(self) -> None:
         means = {k: all_mean(v.to(self.dev.device)).item() for k, v in self.window.means().items()}
@@ -377,14 +376,13 @@ class Finetuner:
                 self.loader.sampler.set_epoch(self.epoch, self.step_in_epoch * self.batch_size)
                 for images, labels in self.loader:
                     self.train_step(images, labels)
-                since = time.perf_counter()
-                average_buffers(self.model)
-                if self.main:
-                    self.evaluate_split("val")
-                barrier()
-                self.epoch, self.step_in_epoch = self.epoch + 1, 0
-                self.save_checkpoint()
-                self.window.exclude(since)
+                with self.window.paused():
+                    average_buffers(self.model)
+                    if self.main:
+                        self.evaluate_split("val")
+                    barrier()
+                    self.epoch, self.step_in_epoch = self.epoch + 1, 0
+                    self.save_checkpoint()
             if self.main:
                 self.finish()
         finally:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,7 @@ class ScalarWindow:
     """
 
     def __init__(self) -> None:
+        self._paused = False
         self.reset()
 
     def reset(self) -> None:
@@ -70,6 +73,20 @@ class ScalarWindow:
         """Leave the time from ``since`` (a ``time.perf_counter()`` reading) to now off this window's clock: the run's
         bookkeeping between steps (logging, evaluation, checkpoints), so that images per second measure the steps."""
         self.excluded += time.perf_counter() - max(since, self.start)
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Keep the block's time off the window's clock (:meth:`exclude`), also when the block closes and resets the
+        window; a block inside another counts once."""
+        if self._paused:
+            yield
+            return
+        self._paused, since = True, time.perf_counter()
+        try:
+            yield
+        finally:
+            self._paused = False
+            self.exclude(since)
 
     def elapsed(self) -> float:
         """Seconds of steps since the window started (the excluded bookkeeping left out)."""

@@ -214,22 +214,27 @@ def test_a_checkpoint_the_code_no_longer_fits_is_refused_in_one_line(script, syn
 
 def test_the_runs_bookkeeping_is_kept_off_images_per_second(monkeypatch: pytest.MonkeyPatch) -> None:
     """A window's images per second count its steps' time only; the bookkeeping between steps (logging, image grids,
-    evaluation, checkpoints), also when it runs after the window closed, is reported as ``perf/overhead``."""
+    evaluation, checkpoints), also when it closes the window midway or nests (a checkpoint written inside the
+    after-step bookkeeping), is kept off it once and reported as ``perf/overhead``."""
     from classifiers import runlog
 
     now = [0.0]
     monkeypatch.setattr(runlog.time, "perf_counter", lambda: now[0])
     window, throughput = runlog.ScalarWindow(), runlog.Throughput()
     now[0] = 1.0  # one second of steps, then two of bookkeeping
-    since = now[0]
-    now[0] = 3.0
-    window.exclude(since)
+    with window.paused():
+        now[0] = 2.0
+        with window.paused():  # nested: counted once
+            now[0] = 3.0
     assert window.elapsed() == 1.0
     closed = throughput.close(window, images=64)
     assert closed == {"perf/images_per_second": 64.0, "perf/overhead": pytest.approx(2 / 3)}
     window.reset()
-    now[0] = 4.0  # bookkeeping that began before the window was reset (the evaluation after a window's close)
-    window.exclude(since=2.5)
-    now[0] = 5.0
+    now[0] = 4.0  # a second of steps; then bookkeeping that closes the window, resets it and evaluates for a second
+    with window.paused():
+        assert throughput.close(window, images=32) == {"perf/images_per_second": 32.0, "perf/overhead": 0.0}
+        window.reset()
+        now[0] = 5.0
+    now[0] = 6.0  # a second of steps in the new window: the evaluation after its reset is off its clock
     assert window.elapsed() == 1.0
     assert throughput.close(window, images=32) == {"perf/images_per_second": 32.0, "perf/overhead": 0.5}
