@@ -52,6 +52,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from throughput import PRESETS as THROUGHPUT_PRESETS  # noqa: E402
+
 import agents.reinforce  # noqa: E402
 import envs.core  # noqa: E402
 from agents.runner import PretrainConfig, PretrainRunner  # noqa: E402
@@ -93,12 +95,12 @@ def run_config(preset: str, algo: str, steps: int | None, seed: int, run_dir: st
     if preset in ("demo", "study"):
         study = StudyConfig.quick()
         if preset == "study":
-            study = dataclasses.replace(study, pretrain_dataset="synthrad?n_train=2000&n_val=300&n_test=600",
+            study = dataclasses.replace(study, pretrain_dataset=THROUGHPUT_PRESETS["study"]["dataset"],
                                         pretrain_epochs=20)
         cfg = study.pretrain_config(algo, seed, Path(run_dir))
     else:
-        env = EnvConfig(dataset="synthrad?n_train=256&n_val=64&n_test=64", classifier="resnet50", batch_size=32,
-                        image_size=224, grid=64, blur_kernel=13, blur_sigma=6.0, seed=seed, precision="fp32")
+        paper = {k: v for k, v in THROUGHPUT_PRESETS["paper"].items() if k not in ("dataset", "threads")}
+        env = EnvConfig(dataset="synthrad?n_train=256&n_val=64&n_test=64", seed=seed, precision="fp32", **paper)
         cfg = PretrainConfig(algo=algo, env=env, epochs=1, run_dir=run_dir)
     if steps is not None:
         cfg.max_steps = steps

@@ -44,7 +44,7 @@ from agents.registry import AGENTS, environment_for, make_agent  # noqa: E402
 from agents.runner import PretrainConfig, pretrain  # noqa: E402
 from agents.study import StudyConfig  # noqa: E402
 from classifiers.data import DataSpec, load_dataset  # noqa: E402
-from classifiers.train import PRECISIONS  # noqa: E402
+from classifiers.train import PRECISIONS, resolve_device, resolve_precision  # noqa: E402
 from envs.core import EnvConfig, PretrainCore, StepResult  # noqa: E402
 
 _QUICK = StudyConfig.quick()
@@ -228,10 +228,10 @@ def main(argv: list[str] | None = None) -> int:
               "at least 1, warmup 0 or more", file=sys.stderr)
         return 2
     data = load_dataset(args.dataset, image_size=args.image_size)
-    probe = PretrainCore(env_config(args, "none"), data=data)
+    device = resolve_device(args.device)
     setting = (f"{args.classifier}, {args.image_size} px, batch {args.batch_size}, grid {args.grid}, blur "
-               f"{args.blur_kernel}/{args.blur_sigma}; machine: {describe_machine(probe.dev.device)}; classifier in "
-               f"{probe.dev.precision}")
+               f"{args.blur_kernel}/{args.blur_sigma}; machine: {describe_machine(device)}; classifier in "
+               f"{resolve_precision(args.precision, device)}")
     if args.runs:
         with tempfile.TemporaryDirectory() as tmp:
             logged = {n: logged_images_per_second(args, n, args.runs, Path(tmp)) for n in names}

@@ -69,15 +69,11 @@ class ScalarWindow:
         """The mean of each scalar over the window, as 0-d tensors."""
         return {k: torch.stack(v).mean() for k, v in self.values.items()}
 
-    def exclude(self, since: float) -> None:
-        """Leave the time from ``since`` (a ``time.perf_counter()`` reading) to now off this window's clock: the run's
-        bookkeeping between steps (logging, evaluation, checkpoints), so that images per second measure the steps."""
-        self.excluded += time.perf_counter() - max(since, self.start)
-
     @contextmanager
     def paused(self) -> Iterator[None]:
-        """Keep the block's time off the window's clock (:meth:`exclude`), also when the block closes and resets the
-        window; a block inside another counts once."""
+        """Keep the block's time off the window's clock: the run's bookkeeping between steps (logging, evaluation,
+        checkpoints), so that images per second measure the steps; also when the block closes and resets the window
+        (only the part after the reset is this window's), and a block inside another counts once."""
         if self._paused:
             yield
             return
@@ -86,7 +82,7 @@ class ScalarWindow:
             yield
         finally:
             self._paused = False
-            self.exclude(since)
+            self.excluded += time.perf_counter() - max(since, self.start)
 
     def elapsed(self) -> float:
         """Seconds of steps since the window started (the excluded bookkeeping left out)."""
