@@ -29,6 +29,9 @@ class Action:
     """Applied to the uint8 batch (B, C, H, W) before it is normalised (image augmentations)."""
     loss_scale: torch.Tensor | None = None
     """A 0-d tensor on the device that multiplies the classifier's batch-mean cross-entropy (None: 1)."""
+    on_reward: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+    """Called by the environment with the step's per-image reward and cross-entropy as soon as they are known, before
+    the classifier's backward pass (``envs.core.PretrainCore.step``): an agent may start its update there."""
 
 
 class Agent:
@@ -93,6 +96,6 @@ class Agent:
                 core.reset()
             action = self.act(core.images)
             result = core.step(grid=action.grid, perturb=action.perturb, loss_scale=action.loss_scale,
-                               augment=action.augment)
+                               augment=action.augment, on_reward=action.on_reward)
             scalars = self.observe(result)
             runner.after_step(result, scalars)

@@ -36,11 +36,21 @@ Under torch.distributed the baseline, the advantage normalisation, the official 
 batch mean and the classifier's loss scale use all-reduced statistics, and DDP averages the
 gradients, so N processes of batch B take the same steps as one process of batch N*B. (The
 reference code, under DDP, scales each process's loss by its own factor.)
+
+On a CPU with a core to spare (:func:`spare_core`: the classifier on fewer torch threads than the process has cores,
+as in ``make demo``), step 3 runs on a second thread while the classifier's backward pass, its SGD step and the next
+batch's loading run on this one: the environment hands the rewards over as soon as the classifier's forward pass
+gives them (``Action.on_reward``), and the next ``act`` waits for the update. Each thread does the same operations
+in the same order as before, so a run is the same, bit for bit, with or without it (tests/test_reinforce.py); the
+policy's forward and sampling stay on the main thread, since they need the updated policy and the next batch.
+``Reinforce.overlap = False`` keeps everything on one thread.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -60,12 +70,41 @@ from agents.policy import (
     mask_log_prob,
     sample_mask,
 )
+from classifiers.data import available_cores
 from classifiers.distributed import all_mean, is_distributed, world_size
 from classifiers.train import check_finite
 from envs.core import PretrainCore, StepResult
 from envs.masks import hold_mean
 
 OBJECTIVES = ("reinforce", "official")
+_UPDATE_THREAD: ThreadPoolExecutor | None = None
+
+
+def on_update_thread(fn: Callable[..., Any], *args: Any) -> Future:
+    """Run ``fn(*args)`` on the one thread every agent in this process computes overlapped policy updates on (one
+    update is pending at a time: an agent waits for its own before its next step), with the calling thread's number
+    of torch threads: a new thread starts with OpenMP's default (every core), and oneDNN's kernels then split their
+    work otherwise, so the sums would differ in their last bits from the same update on the calling thread."""
+    global _UPDATE_THREAD
+    if _UPDATE_THREAD is None:
+        _UPDATE_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy-update")
+    threads = torch.get_num_threads()
+
+    def run() -> Any:
+        torch.set_num_threads(threads)  # per thread for OpenMP; torch.get_num_threads() here would say the caller's
+        return fn(*args)
+
+    return _UPDATE_THREAD.submit(run)
+
+
+def spare_core(core: PretrainCore) -> bool:
+    """Whether a policy update on a second thread can run beside ``core``'s classifier step without slowing it: on a
+    CPU with more cores available to this process than torch's intra-op threads and the data loader's workers take,
+    outside torch.distributed (its collectives must keep one order on every rank). On a GPU the kernels already queue
+    asynchronously, so there is nothing to gain."""
+    if core.dev.device.type != "cpu" or is_distributed():
+        return False
+    return available_cores() > torch.get_num_threads() + core.loader.num_workers
 BASELINES = ("moving", "batch")
 
 
@@ -208,6 +247,9 @@ class Reinforce(Agent):
 
     name = "reinforce"
     learns = True
+    overlap: bool | None = None
+    """Compute each policy update on a second thread while the classifier's backward pass runs (the same operations
+    in the same order, so the same numbers): True, False, or None to decide at the first step (:func:`spare_core`)."""
 
     def __init__(self, **kwargs: Any) -> None:
         self.cfg = ReinforceConfig(**kwargs)
@@ -235,6 +277,7 @@ class Reinforce(Agent):
                                                                     eta_min=0.0)
         self.baseline = torch.zeros((), device=core.dev.device)
         self.baseline_ready = False
+        self._pending: Future | None = None
 
     @torch.no_grad()
     def mask_distribution(self, images: torch.Tensor) -> Beta:
@@ -243,6 +286,7 @@ class Reinforce(Agent):
         return cell_beta(alpha, beta)
 
     def act(self, images: torch.Tensor) -> Action:
+        self._finish_update()
         self.policy.train()
         dist = beta_distribution(self.net, images, update_base=True, step=self.core.global_step)
         grid = sample_mask(dist)
@@ -251,19 +295,41 @@ class Reinforce(Agent):
         if self.cfg.scale_classifier_loss:
             with torch.no_grad():  # a constant to the classifier; the policy's gradient comes from observe
                 self._loss_scale = all_mean(log_sum_exp_term(mask_log_prob(dist, grid)))
-        return Action(grid=grid, loss_scale=self._loss_scale)
+        return Action(grid=grid, loss_scale=self._loss_scale,
+                      on_reward=self._start_update if self._overlaps() else None)
+
+    def _overlaps(self) -> bool:
+        if self.overlap is None:
+            self.overlap = spare_core(self.core)
+        return self.overlap
+
+    def _start_update(self, reward: torch.Tensor, ce: torch.Tensor) -> None:
+        """The environment's ``on_reward``: compute this step's policy update on the update thread while the
+        classifier's backward pass runs on this one (:attr:`overlap`). ``step`` is the count once the step is taken,
+        as :meth:`observe` reports it."""
+        self._pending = on_update_thread(self._update, reward, ce, self.core.global_step + 1)
+
+    def _finish_update(self) -> dict[str, Any] | None:
+        """Wait for an update started by :meth:`_start_update`; its scalars (None when none was pending). An error
+        the update raised (a non-finite reward or loss) is raised here."""
+        pending, self._pending = self._pending, None
+        return pending.result() if pending is not None else None
 
     def observe(self, result: StepResult) -> dict[str, float]:
+        scalars = self._finish_update()
+        return scalars if scalars is not None else self._update(result.reward, result.loss, self.core.global_step)
+
+    def _update(self, reward: torch.Tensor, ce: torch.Tensor, step: int) -> dict[str, Any]:
+        """One policy step from the step's per-image ``reward`` and cross-entropy ``ce``; the scalars to log."""
         cfg, dist, grid = self.cfg, self._dist, self._grid
-        step = self.core.global_step
-        reward = result.reward.detach().float()
+        reward = reward.detach().float()
         check_finite(reward, "reward", step)
         cell_logp = mask_log_prob(dist, grid)
         with torch.set_grad_enabled(cfg.entropy_coef > 0 and cfg.objective == "reinforce"):
             entropy = dist.entropy().sum((1, 2))  # without a bonus, only logged
         mean_reward = all_mean(reward.mean())
         if cfg.objective == "official":
-            loss = official_loss(cell_logp, all_mean(result.loss.mean()))
+            loss = official_loss(cell_logp, all_mean(ce.mean()))
             adv = reward - mean_reward
         else:
             if not self.baseline_ready:
@@ -305,6 +371,7 @@ class Reinforce(Agent):
         return scalars
 
     def state_dict(self) -> dict[str, Any]:
+        self._finish_update()
         return {
             "policy": self.policy.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -315,6 +382,7 @@ class Reinforce(Agent):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._finish_update()
         self.policy.load_state_dict(state["policy"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

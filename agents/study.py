@@ -133,10 +133,11 @@ class StudyConfig:
     @classmethod
     def quick(cls) -> StudyConfig:
         """The small study ``make demo`` runs, a few minutes on 2 CPU cores: half-size images (so half the grid
-        and blur), a few hundred steps per run, and a fine-tuning rate of 0.01, because a fine-tune of a few
-        dozen steps barely moves at the paper's 1e-3 (meant for 10 epochs of RadImageNet). One CPU thread:
+        and blur), a few hundred steps per run, and the default fine-tuning recipe (``FinetuneConfig``: a cosine
+        decay from 0.1; the paper's constant 1e-3 barely moves a fine-tune of a few dozen steps). One CPU thread:
         32 px batches gain little from a second one, and on a busy machine OpenMP's spinning threads made
-        them about eight times slower (measured: 70 s against 8 s per pretraining run)."""
+        them about eight times slower (measured: 70 s against 8 s per pretraining run). The second core then
+        takes the REINFORCE agents' policy updates, beside the classifier's step (``agents.reinforce.spare_core``)."""
         options = "n_val=120&n_test=240"
         return cls(
             methods=QUICK_METHODS, seeds=(0, 1, 2), pretrain_dataset=f"synthrad?n_train=1280&{options}",

@@ -43,6 +43,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -52,12 +53,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from throughput import OVERLAP  # noqa: E402
 from throughput import PRESETS as THROUGHPUT_PRESETS  # noqa: E402
 
 import agents.reinforce  # noqa: E402
 import envs.core  # noqa: E402
 from agents.runner import PretrainConfig, PretrainRunner  # noqa: E402
 from agents.study import StudyConfig  # noqa: E402
+from classifiers.data import available_cores  # noqa: E402
 from envs.core import EnvConfig  # noqa: E402
 
 AGENTS = ("none", "uniform-mask", "gaussian-noise", "random-erasing", "reinforce", "reinforce-official",
@@ -65,7 +68,11 @@ AGENTS = ("none", "uniform-mask", "gaussian-noise", "random-erasing", "reinforce
 PAPER_AGENTS = ("none", "reinforce", "reinforce-official")
 PRESETS = ("demo", "study", "paper")
 LOOP = "learn loop (untimed rest)"
+UPDATE_THREAD = "update thread"
+"""Label prefix of the parts timed on the policy-update thread (beside the main loop, so outside its total)."""
 CATEGORIES = (
+    ("update thread: the policy update beside the classifier step (not in the total)",
+     lambda x: x.startswith(UPDATE_THREAD)),
     ("data (next batch: sampler, fork_rng, collate, augmentation)",
      lambda x: x.endswith("data (next batch)") or "RandomResizedCrop" in x),
     ("  of which per-image RandomResizedCrop + flip", lambda x: "RandomResizedCrop" in x),
@@ -110,15 +117,25 @@ def run_config(preset: str, algo: str, steps: int | None, seed: int, run_dir: st
 
 
 class Timers:
-    """Exclusive wall-clock time per labelled part, from a stack of wrapped calls (module docstring)."""
+    """Exclusive wall-clock time per labelled part, from a stack of wrapped calls (module docstring). Each thread keeps
+    its own stack; the parts timed on another thread than the one that made the timers (the REINFORCE agents' policy
+    update, overlapped with the classifier's step) are labelled ``UPDATE_THREAD / part``."""
 
     def __init__(self) -> None:
-        self.stack: list[list[Any]] = []  # [label, time spent in timed children]
-        self.phases: list[str] = []
-        self.absorbing = 0
+        self.owner = threading.get_ident()
+        self.local = threading.local()
         self.self_time: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
         self.active = True
+
+    def _state(self) -> Any:
+        """This thread's stack ([label, time spent in timed children]), phases, absorbing depth, and whether it is
+        another thread than the owner's."""
+        state = self.local
+        if not hasattr(state, "stack"):
+            state.stack, state.phases, state.absorbing = [], [], 0
+            state.worker = threading.get_ident() != self.owner
+        return state
 
     def wrap(self, fn, name: str, phase: bool = False, absorb: bool = False, always: bool = False):
         """``fn`` timed as ``name``. ``phase``: parts inside are labelled ``name / part``. ``absorb``: timed parts
@@ -127,29 +144,32 @@ class Timers:
 
         @functools.wraps(fn)
         def timed(*args, **kwargs):
-            if not timers.active or (timers.absorbing and not always):
+            state = timers._state()
+            if not timers.active or (state.absorbing and not always):
                 return fn(*args, **kwargs)
-            label = name if phase or not timers.phases else f"{timers.phases[-1]} / {name}"
+            label = name if phase or not state.phases else f"{state.phases[-1]} / {name}"
+            if state.worker:
+                label = f"{UPDATE_THREAD} / {label}"
             frame = [label, 0.0]
-            timers.stack.append(frame)
+            state.stack.append(frame)
             if phase:
-                timers.phases.append(name)
+                state.phases.append(name)
             if absorb:
-                timers.absorbing += 1
+                state.absorbing += 1
             start = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
                 elapsed = time.perf_counter() - start
                 if absorb:
-                    timers.absorbing -= 1
+                    state.absorbing -= 1
                 if phase:
-                    timers.phases.pop()
-                timers.stack.pop()
+                    state.phases.pop()
+                state.stack.pop()
                 timers.self_time[label] += elapsed - frame[1]
                 timers.calls[label] += 1
-                if timers.stack:
-                    timers.stack[-1][1] += elapsed
+                if state.stack:
+                    state.stack[-1][1] += elapsed
 
         return timed
 
@@ -208,6 +228,7 @@ def instrument(t: Timers, runner: PretrainRunner) -> None:
         t.patch(type(agent.scheduler), "step", "lr schedule step")  # on the class: an instance attribute would
         # land in the scheduler's state_dict (its __dict__) and break the checkpoint
         t.patch(agents.reinforce, "check_finite", "finiteness checks")
+        t.patch(agent, "_update", "policy update")
     if hasattr(agent, "model") and hasattr(agent, "venv"):  # stable-baselines3
         model = agent.model  # its methods patched on the class: stable-baselines3 pickles the instance's __dict__
         t.patch(type(model), "collect_rollouts", "SB3 collect_rollouts (obs/action conversions)", phase=True)
@@ -269,7 +290,7 @@ def profile_one(args: argparse.Namespace, algo: str) -> dict[str, Any]:
         whole = time.perf_counter() - start
         t.active = False
         steps = runner.core.global_step
-        loop = sum(in_loop.values())
+        loop = sum(v for k, v in in_loop.items() if not k.startswith(UPDATE_THREAD))  # that one runs beside it
         after = {k: v - in_loop.get(k, 0.0) for k, v in t.self_time.items() if v - in_loop.get(k, 0.0) > 1e-9}
         logged, overhead = [], []
         metrics = Path(run_dir) / "metrics.jsonl"
@@ -393,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flush-denormal", action="store_true",
                    help="torch.set_flush_denormal(True) in every run (a test: is a part slow on subnormal floats?)")
     p.add_argument("--keep", action="store_true", help="keep the run folders under /tmp")
+    p.add_argument("--overlap", choices=tuple(OVERLAP), default="auto",
+                   help="the REINFORCE agents' policy update on a second thread beside the classifier's step (auto: "
+                   "where a core is spare, agents.reinforce.spare_core; under taskset -c 1, off)")
     p.add_argument("--in-process", action="store_true", help="run every agent in this process")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -401,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.end is None:
         args.end = args.preset != "paper"
     torch.set_num_threads(1)
+    agents.reinforce.Reinforce.overlap = OVERLAP[args.overlap]
     if args.child:
         print("PROFILE_JSON " + json.dumps(profile_one(args, args.child)))
         return 0
@@ -413,7 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, StopIteration):
         pass
     print(f"preset {args.preset}, steps {args.steps or 'the preset run'}, {cpu}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} thread(s), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
+          f"{torch.get_num_threads()} thread(s), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
+          f"{available_cores()} core(s) available, policy update overlapped: {args.overlap}")
     runs: dict[str, list[dict[str, Any]]] = {a: [] for a in algos}
     for round_ in range(args.rounds):  # interleaved, so slow drift of the machine falls on every agent alike
         for algo in algos:
@@ -421,7 +447,8 @@ def main(argv: list[str] | None = None) -> int:
                 res = profile_one(args, algo)
             else:
                 cmd = [sys.executable, __file__, "--child", algo, "--preset", args.preset, "--seed", str(args.seed),
-                       "--end" if args.end else "--no-end"] + (["--flush-denormal"] if args.flush_denormal else []) \
+                       "--overlap", args.overlap, "--end" if args.end else "--no-end"] \
+                    + (["--flush-denormal"] if args.flush_denormal else []) \
                     + (["--steps", str(args.steps)] if args.steps else []) + (["--keep"] if args.keep else [])
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("PROFILE_JSON ")]

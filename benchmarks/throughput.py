@@ -41,9 +41,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agents.registry import AGENTS, environment_for, make_agent  # noqa: E402
+from agents.reinforce import Reinforce  # noqa: E402
 from agents.runner import PretrainConfig, pretrain  # noqa: E402
 from agents.study import StudyConfig  # noqa: E402
-from classifiers.data import DataSpec, load_dataset  # noqa: E402
+from classifiers.data import DataSpec, available_cores, load_dataset  # noqa: E402
 from classifiers.train import PRECISIONS, resolve_device, resolve_precision  # noqa: E402
 from envs.core import EnvConfig, PretrainCore, StepResult  # noqa: E402
 
@@ -84,6 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="the classifier's arithmetic")
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    p.add_argument("--overlap", choices=("auto", "on", "off", "both"), default="auto",
+                   help="the REINFORCE agents' policy update on a second thread during the classifier's backward pass "
+                   "(auto: where a core is spare, agents.reinforce.spare_core; both: a row for each, not with --runs)")
     args = p.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
@@ -182,10 +186,26 @@ class Timing:
     env: list[float] = field(default_factory=list)
 
 
-def measure(args: argparse.Namespace, data: DataSpec, algo: str, timing: Timing) -> None:
-    """One round of ``algo``: a fresh core and agent, ``warmup`` untimed then ``steps`` timed steps of its learn."""
+SERIAL = " (serial)"
+"""Row-label suffix of a REINFORCE agent measured with its policy update on the main thread (``--overlap both``)."""
+OVERLAP = {"auto": None, "on": True, "off": False}
+
+
+def rows_for(names: list[str], overlap: str) -> list[str]:
+    """The table's rows: the agents, and with ``both`` each REINFORCE agent again as ``<name> (serial)``."""
+    if overlap != "both":
+        return names
+    return [row for n in names for row in ((n, n + SERIAL) if AGENTS[n].factory is Reinforce else (n,))]
+
+
+def measure(args: argparse.Namespace, data: DataSpec, row: str, timing: Timing) -> None:
+    """One round of a row's agent: a fresh core and agent, ``warmup`` untimed then ``steps`` timed steps of its
+    learn."""
+    algo = row.removesuffix(SERIAL)
     core = PretrainCore(env_config(args, algo), data=data)
     agent = make_agent(algo, {})
+    if isinstance(agent, Reinforce):
+        agent.overlap = False if row.endswith(SERIAL) else OVERLAP.get(args.overlap)
     clock = StepClock(core, args.warmup, args.steps)
     agent.bind(core, clock.total)
     torch.manual_seed(0)
@@ -230,9 +250,14 @@ def main(argv: list[str] | None = None) -> int:
     data = load_dataset(args.dataset, image_size=args.image_size)
     device = resolve_device(args.device)
     setting = (f"{args.classifier}, {args.image_size} px, batch {args.batch_size}, grid {args.grid}, blur "
-               f"{args.blur_kernel}/{args.blur_sigma}; machine: {describe_machine(device)}; classifier in "
-               f"{resolve_precision(args.precision, device)}")
+               f"{args.blur_kernel}/{args.blur_sigma}; machine: {describe_machine(device)}, {available_cores()} "
+               f"core(s) available; classifier in {resolve_precision(args.precision, device)}; policy update "
+               f"overlapped: {args.overlap}")
     if args.runs:
+        if args.overlap == "both":
+            print("error: --overlap both times bare steps; give --runs one of auto, on or off", file=sys.stderr)
+            return 2
+        Reinforce.overlap = OVERLAP[args.overlap]  # the runs build their agents themselves
         with tempfile.TemporaryDirectory() as tmp:
             logged = {n: logged_images_per_second(args, n, args.runs, Path(tmp)) for n in names}
         print(f"\npreset {args.preset}: {setting}; real runs of {args.runs} steps, logged perf/images_per_second\n")
@@ -243,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {n} | {ips:.1f} ({min(logged[n]):.1f}-{max(logged[n]):.1f}) | {ratio} |")
         return 0
 
+    names = rows_for(names, args.overlap)
     timings = {n: Timing() for n in names}
     for r in range(args.rounds):
         for n in names[r % len(names):] + names[: r % len(names)]:

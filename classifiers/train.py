@@ -189,8 +189,13 @@ def check_finite(value: torch.Tensor, what: str, step: int) -> None:
 
 def supervised_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor,
                     labels: torch.Tensor, dev: DevicePolicy, step: int = 0,
-                    loss_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    loss_scale: torch.Tensor | None = None,
+                    after_forward: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """One SGD step on float inputs; returns per-image cross-entropy and logits, both detached, in float32.
+
+    ``after_forward``, if given, is called with those two (detached) once the loss is known to be finite and before
+    the backward pass, so a caller can start work that needs only the forward's results while the step completes.
 
     ``loss_scale`` (a 0-d tensor; None: 1) multiplies the batch-mean cross-entropy before the backward pass,
     as the reference code's objective does; it is a constant here (detached), and the returned losses are
@@ -217,10 +222,13 @@ def supervised_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: 
             for b, s in zip(buffers, saved):
                 b.copy_(s)
         raise
+    per_image, logits_out = per_image.detach(), logits.detach().float()
+    if after_forward is not None:
+        after_forward(per_image, logits_out)
     optimizer.zero_grad(set_to_none=True)
     (loss if loss_scale is None else loss * loss_scale).backward()
     optimizer.step()
-    return per_image.detach(), logits.detach().float()
+    return per_image, logits_out
 
 
 @torch.no_grad()

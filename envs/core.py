@@ -247,14 +247,19 @@ class PretrainCore:
         return hold_mean(grid, self.cfg.mask_budget)
 
     def step(self, grid: torch.Tensor | None = None, perturb: Transform | None = None,
-             loss_scale: torch.Tensor | None = None, augment: Transform | None = None) -> StepResult:
+             loss_scale: torch.Tensor | None = None, augment: Transform | None = None,
+             on_reward: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> StepResult:
         """Augment the uint8 batch with ``augment`` if given, apply ``grid`` (B, G, G) as the noise mask (None: no
         mask) and/or ``perturb`` to the normalised batch (:meth:`inputs`), take one classifier step, and load the next
         batch.
 
         ``loss_scale`` (a 0-d tensor on the device; None: 1) multiplies the classifier's batch-mean
         cross-entropy before its backward pass, as the reference code does; the returned losses and
-        rewards stay unscaled."""
+        rewards stay unscaled.
+
+        ``on_reward``, if given, is called with the per-image reward and cross-entropy (the result's ``reward`` and
+        ``loss``) as soon as they are known: before the classifier's backward pass, so an agent can compute its own
+        update while the classifier's step runs (:class:`agents.reinforce.Reinforce` on a spare CPU core)."""
         if self._iter is None:
             raise RuntimeError("call reset() before step()")
         grid = self.applied_grid(grid)
@@ -272,12 +277,18 @@ class PretrainCore:
             ref_score = (loss_e[b:], correct_e[b:]) if ref is not None else None
         elif ref is not None:  # the reference in train mode, with its own batch statistics, before the update
             ref_score = self._score(ref, train=True)
-        loss, logits = supervised_step(self.model, self.optimizer, x, self.labels, self.dev,
-                                       step=self.global_step, loss_scale=loss_scale)
-        correct = (logits.argmax(1) == self.labels).float()
-        reward = self._reward(*(own if own is not None else (loss, correct)))
-        if ref_score is not None:
-            reward = reward - self._reward(*ref_score)
+        found: dict[str, torch.Tensor] = {}
+
+        def forward_done(loss: torch.Tensor, logits: torch.Tensor) -> None:
+            found["loss"], found["correct"] = loss, (logits.argmax(1) == self.labels).float()
+            reward = self._reward(*(own if own is not None else (found["loss"], found["correct"])))
+            found["reward"] = reward - self._reward(*ref_score) if ref_score is not None else reward
+            if on_reward is not None:
+                on_reward(found["reward"], found["loss"])
+
+        supervised_step(self.model, self.optimizer, x, self.labels, self.dev, step=self.global_step,
+                        loss_scale=loss_scale, after_forward=forward_done)
+        loss, correct, reward = found["loss"], found["correct"], found["reward"]
         self.global_step += 1
         self.step_in_epoch += 1
         self.episode_steps += 1

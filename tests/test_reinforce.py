@@ -3,6 +3,9 @@ and a task where the best mask is known."""
 
 from __future__ import annotations
 
+import json
+import threading
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -16,6 +19,7 @@ import agents.reinforce as reinforce_module
 from agents.diagnostics import Probe, policy_diagnostics
 from agents.policy import mask_log_prob, sample_mask
 from agents.reinforce import Reinforce, official_loss, reinforce_loss
+from agents.runner import PretrainConfig, pretrain
 from classifiers.data import DataSpec, ImageSource
 from classifiers.train import PAPER_MEAN, DevicePolicy, NonFiniteError
 from envs.core import EnvConfig, PretrainCore, StepResult
@@ -24,7 +28,8 @@ from envs.core import EnvConfig, PretrainCore, StepResult
 def fake_core(grid: int = 2, channels: int = 1, lr: float = 0.1) -> SimpleNamespace:
     """What Reinforce.bind and act/observe read from the environment core, without a classifier."""
     return SimpleNamespace(in_channels=channels, cfg=SimpleNamespace(grid=grid, lr=lr),
-                           dev=DevicePolicy(torch.device("cpu")), global_step=0)
+                           dev=DevicePolicy(torch.device("cpu")), global_step=0,
+                           loader=SimpleNamespace(num_workers=0))
 
 
 def bound_agent(grid: int = 2, **kwargs) -> tuple[Reinforce, SimpleNamespace]:
@@ -212,6 +217,94 @@ def test_non_finite_concentration_raises_naming_value_and_step(param: str) -> No
         agent.policy.head.bias[0] = float("nan")
     with pytest.raises(NonFiniteError, match=r"policy concentration alpha is not finite at step 12 \(value \[nan"):
         agent.act(batch())
+
+
+# --- the update overlapped with the classifier's step -----------------------------------------------
+
+
+def updating_threads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The name of the thread each policy update ran on, in order."""
+    names: list[str] = []
+    update = Reinforce._update
+
+    def recorded(self, *args):
+        names.append(threading.current_thread().name)
+        return update(self, *args)
+
+    monkeypatch.setattr(Reinforce, "_update", recorded)
+    return names
+
+
+@pytest.mark.parametrize("algo", ("reinforce", "reinforce-official-scaled", "reinforce-budget"))
+def test_the_overlapped_update_gives_the_run_the_serial_one_gives(algo: str, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run whose policy updates run on the update thread, beside the classifier's backward pass, ends with the same
+    policy, classifier, optimisers and logged scalars, bit for bit, as the same run with every update on the main
+    thread; and the updates did run where each run says."""
+    threads = updating_threads(monkeypatch)
+    saved, logged, ran_on = {}, {}, {}
+    for overlap in (True, False):
+        monkeypatch.setattr(Reinforce, "overlap", overlap)
+        threads.clear()
+        env = EnvConfig(dataset="synthrad?n_train=96&n_val=24&n_test=24", image_size=16, grid=4, blur_kernel=3,
+                        blur_sigma=1.0, batch_size=16, seed=3)
+        run = pretrain(PretrainConfig(algo=algo, env=env, epochs=2, log_every=2, image_every=5, ckpt_every=4,
+                                      run_dir=str(tmp_path / str(overlap))))
+        saved[overlap] = torch.load(run / "checkpoint.pt", weights_only=True)
+        logged[overlap] = [{k: v for k, v in row.items() if not k.startswith("perf/")}
+                           for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+        ran_on[overlap] = set(threads)
+    assert ran_on == {True: {"policy-update_0"}, False: {threading.main_thread().name}}
+    for a, b in zip(logged[True], logged[False]):
+        assert a == b, {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}
+    assert len(logged[True]) == len(logged[False]) and any("policy/loss" in row for row in logged[True])
+    for part in ("agent", "core", "rng"):
+        a, b = saved[True][part], saved[False][part]
+        flat_a, flat_b = torch.utils._pytree.tree_flatten(a), torch.utils._pytree.tree_flatten(b)
+        assert flat_a[1] == flat_b[1], part
+        for x, y in zip(flat_a[0], flat_b[0]):
+            assert torch.equal(x, y) if torch.is_tensor(x) else x == y, part
+
+
+def test_an_overlapped_update_raises_its_error_where_the_serial_one_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A non-finite reward found on the update thread is raised by observe, naming the same step, and leaves the
+    policy as it was."""
+    messages = []
+    for overlap in (True, False):
+        torch.manual_seed(0)
+        core, _ = sign_core(0)
+        agent = Reinforce()
+        agent.overlap = overlap
+        agent.bind(core, 10)
+        monkeypatch.setattr(core, "_reward", lambda loss, correct: torch.full_like(loss, float("nan")))
+        action = agent.act(core.images)
+        assert (action.on_reward is not None) == overlap
+        before = [p.detach().clone() for p in agent.policy.parameters()]
+        result = core.step(grid=action.grid, on_reward=action.on_reward)
+        with pytest.raises(NonFiniteError, match="reward is not finite") as err:
+            agent.observe(result)
+        messages.append(str(err.value))
+        assert all(torch.equal(a, p) for a, p in zip(before, agent.policy.parameters()))
+        assert agent._pending is None
+    assert messages[0] == messages[1] and "at step 1 " in messages[0]
+
+
+def test_a_spare_core_is_one_torch_and_the_loader_leave_free(monkeypatch: pytest.MonkeyPatch) -> None:
+    core = SimpleNamespace(dev=DevicePolicy(torch.device("cpu")), loader=SimpleNamespace(num_workers=0))
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(reinforce_module, "available_cores", lambda: threads + 1)
+    assert reinforce_module.spare_core(core)
+    core.loader.num_workers = 1  # the loader's worker takes it
+    assert not reinforce_module.spare_core(core)
+    core.loader.num_workers = 0
+    monkeypatch.setattr(reinforce_module, "available_cores", lambda: threads)
+    assert not reinforce_module.spare_core(core)
+    monkeypatch.setattr(reinforce_module, "available_cores", lambda: threads + 4)
+    monkeypatch.setattr(reinforce_module, "is_distributed", lambda: True)
+    assert not reinforce_module.spare_core(core)  # collectives must keep one order on every rank
+    monkeypatch.setattr(reinforce_module, "is_distributed", lambda: False)
+    core.dev = SimpleNamespace(device=torch.device("cuda", 0))
+    assert not reinforce_module.spare_core(core)  # kernels queue asynchronously already
 
 
 # --- a task where the best mask is known -----------------------------------------------------------

@@ -124,16 +124,14 @@ def test_non_finite_value_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, 
         original_step = envs.core.supervised_step
         monkeypatch.setattr(envs.core, "supervised_step",
                             lambda model, opt, inputs, *a, **k: original_step(model, opt, poison(inputs), *a, **k))
-    else:
-        original = PretrainCore.step
+    else:  # where the environment computes it: an agent may read it before the step returns (Action.on_reward)
+        original = PretrainCore._reward
 
-        def step(self, *args, **kwargs):
-            result = original(self, *args, **kwargs)
-            if self.global_step >= 6:
-                result.reward = result.reward * float("nan")
-            return result
+        def reward(self, *args):
+            out = original(self, *args)
+            return out * float("nan") if self.global_step >= 5 else out  # from the 6th step on
 
-        monkeypatch.setattr(PretrainCore, "step", step)
+        monkeypatch.setattr(PretrainCore, "_reward", reward)
     env = EnvConfig(dataset="synthrad?n_train=192&n_val=24&n_test=24", batch_size=8, image_size=32, grid=8,
                     device="cpu")
     cfg = PretrainConfig(algo="reinforce", env=env, max_steps=20, run_dir=str(tmp_path / "run"), ckpt_every=4)
