@@ -43,12 +43,13 @@ batch's loading run on this one: the environment hands the rewards over as soon 
 gives them (``Action.on_reward``), and the next ``act`` waits for the update. Each thread does the same operations
 in the same order as before, so a run is the same, bit for bit, with or without it (tests/test_reinforce.py); the
 policy's forward and sampling stay on the main thread, since they need the updated policy and the next batch.
-``Reinforce.overlap = False`` keeps everything on one thread.
+``NOISEMASK_OVERLAP_UPDATE=0`` in the environment (or ``Reinforce.overlap = False``) keeps everything on one thread.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -78,6 +79,7 @@ from envs.masks import hold_mean
 
 OBJECTIVES = ("reinforce", "official")
 _UPDATE_THREAD: ThreadPoolExecutor | None = None
+OVERLAP_ENV = "NOISEMASK_OVERLAP_UPDATE"
 
 
 def on_update_thread(fn: Callable[..., Any], *args: Any) -> Future:
@@ -100,9 +102,10 @@ def on_update_thread(fn: Callable[..., Any], *args: Any) -> Future:
 def spare_core(core: PretrainCore) -> bool:
     """Whether a policy update on a second thread can run beside ``core``'s classifier step without slowing it: on a
     CPU with more cores available to this process than torch's intra-op threads and the data loader's workers take,
-    outside torch.distributed (its collectives must keep one order on every rank). On a GPU the kernels already queue
-    asynchronously, so there is nothing to gain."""
-    if core.dev.device.type != "cpu" or is_distributed():
+    outside torch.distributed (its collectives must keep one order on every rank), unless the environment variable
+    ``NOISEMASK_OVERLAP_UPDATE=0`` (several runs side by side on the same cores) says no. On a GPU the kernels already
+    queue asynchronously, so there is nothing to gain."""
+    if core.dev.device.type != "cpu" or is_distributed() or os.environ.get(OVERLAP_ENV, "1") == "0":
         return False
     return available_cores() > torch.get_num_threads() + core.loader.num_workers
 BASELINES = ("moving", "batch")

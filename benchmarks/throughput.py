@@ -14,13 +14,18 @@ registry's environment settings (``reinforce-budget``: the budgeted reward). Onl
 ``--rounds`` rounds, every agent drives a fresh environment core (the same seed, classifier and data) for
 ``--warmup`` untimed and ``--steps`` timed steps, the agents' order rotated every round, so slow drift of the
 machine falls on every agent alike. Figures are medians over rounds, and each ratio is the median of its
-per-round ratios to ``none``. Epoch starts (a new loader iterator) are left out of the timed steps. Within a
+per-round ratios to ``none``; "fastest rounds" divides ``none``'s fastest round by the agent's (interference from
+the rest of the machine only ever adds time, so on a busy machine this is the steadier estimate of what a step
+costs). Epoch starts (a new loader iterator) are left out of the timed steps. Within a
 step, the environment step (mask, classifier forward, backward and update, next batch) is timed apart, so
-"agent share" is the part of a step that only the agent costs (on CUDA, timed with CUDA events).
+"agent share" is the part of a step that only the agent costs (on CUDA, timed with CUDA events). Where the REINFORCE
+agents' policy update runs beside the classifier's step (``--overlap``, ``agents.reinforce.spare_core``), the agent
+share is what the main thread spends on the agent: ``act`` and any wait for the update.
 
-``--runs N`` instead runs N steps of a real pretraining run per agent (``agents.runner.pretrain``: logging every
-10 steps with the policy diagnostics, image grids every 100, evaluation at every epoch end, checkpoints) into a
-temporary folder and reports the median of the ``perf/images_per_second`` the run logged.
+``--runs N`` instead runs N steps of a real pretraining run per agent and round (``agents.runner.pretrain``: logging
+every 10 steps with the policy diagnostics, image grids every 100, evaluation at every epoch end, checkpoints) into a
+temporary folder, and reports the median of the ``perf/images_per_second`` each run logged, and its ratio to the
+same round's ``none``.
 """
 
 from __future__ import annotations
@@ -258,14 +263,21 @@ def main(argv: list[str] | None = None) -> int:
             print("error: --overlap both times bare steps; give --runs one of auto, on or off", file=sys.stderr)
             return 2
         Reinforce.overlap = OVERLAP[args.overlap]  # the runs build their agents themselves
+        logged: dict[str, list[float]] = {n: [] for n in names}  # per run: the median of its windows
         with tempfile.TemporaryDirectory() as tmp:
-            logged = {n: logged_images_per_second(args, n, args.runs, Path(tmp)) for n in names}
-        print(f"\npreset {args.preset}: {setting}; real runs of {args.runs} steps, logged perf/images_per_second\n")
-        print("| agent | images/s, median of windows (min-max) | vs none |\n|-|-|-|")
+            for r in range(args.rounds):
+                for n in names[r % len(names):] + names[: r % len(names)]:
+                    logged[n].append(statistics.median(logged_images_per_second(args, n, args.runs,
+                                                                                Path(tmp) / f"{r}")))
+        print(f"\npreset {args.preset}: {setting}; {args.rounds} rounds of real runs of {args.runs} steps per agent, "
+              "logged perf/images_per_second (each run: the median of its windows)\n")
+        print("| agent | images/s, median of runs (min-max) | vs none, median of rounds (min-max) |\n|-|-|-|")
         for n in names:
-            ips = statistics.median(logged[n])
-            ratio = f"{ips / statistics.median(logged['none']):.3f}" if "none" in logged else "-"
-            print(f"| {n} | {ips:.1f} ({min(logged[n]):.1f}-{max(logged[n]):.1f}) | {ratio} |")
+            ratio = "-"
+            if "none" in logged:
+                ratios = [a / b for a, b in zip(logged[n], logged["none"])]
+                ratio = f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})"
+            print(f"| {n} | {statistics.median(logged[n]):.1f} ({min(logged[n]):.1f}-{max(logged[n]):.1f}) | {ratio} |")
         return 0
 
     names = rows_for(names, args.overlap)
@@ -276,17 +288,19 @@ def main(argv: list[str] | None = None) -> int:
     b, s = args.batch_size, args.steps
     print(f"\npreset {args.preset}: {setting}; {args.rounds} rounds x {s} steps after {args.warmup} warm-up steps per "
           "agent and round\n")
-    print("| agent | images/s | step (ms) | env step (ms) | agent share | vs none (rounds: min-max) |\n|-|-|-|-|-|-|")
+    print("| agent | images/s | step (ms) | env step (ms) | agent share | vs none (rounds: min-max) | vs none, fastest "
+          "rounds |\n|-|-|-|-|-|-|-|")
     for n in names:
         t = timings[n]
         share = statistics.median(1 - e / w for e, w in zip(t.env, t.wall))
-        ratio = "-"
+        ratio = fastest = "-"
         if "none" in timings:
             ratios = [wn / w for wn, w in zip(timings["none"].wall, t.wall)]
             ratio = f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})"
+            fastest = f"{min(timings['none'].wall) / min(t.wall):.3f}"
         ips, step_ms = statistics.median(b * s / w for w in t.wall), statistics.median(t.wall) / s * 1000
         env_ms = statistics.median(t.env) / s * 1000
-        print(f"| {n} | {ips:.1f} | {step_ms:.1f} | {env_ms:.1f} | {share:.1%} | {ratio} |")
+        print(f"| {n} | {ips:.1f} | {step_ms:.1f} | {env_ms:.1f} | {share:.1%} | {ratio} | {fastest} |")
     return 0
 
 

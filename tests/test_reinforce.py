@@ -294,6 +294,9 @@ def test_a_spare_core_is_one_torch_and_the_loader_leave_free(monkeypatch: pytest
     threads = torch.get_num_threads()
     monkeypatch.setattr(reinforce_module, "available_cores", lambda: threads + 1)
     assert reinforce_module.spare_core(core)
+    monkeypatch.setenv("NOISEMASK_OVERLAP_UPDATE", "0")  # the user's word
+    assert not reinforce_module.spare_core(core)
+    monkeypatch.delenv("NOISEMASK_OVERLAP_UPDATE")
     core.loader.num_workers = 1  # the loader's worker takes it
     assert not reinforce_module.spare_core(core)
     core.loader.num_workers = 0
