@@ -308,8 +308,8 @@ class Reinforce(Agent):
 
     def _start_update(self, reward: torch.Tensor, ce: torch.Tensor) -> None:
         """The environment's ``on_reward``: compute this step's policy update on the update thread while the
-        classifier's backward pass runs on this one (:attr:`overlap`). ``step`` is the count once the step is taken,
-        as :meth:`observe` reports it."""
+        classifier's backward pass runs on this one (:attr:`overlap`). Its errors name the step count the step will
+        have once taken, as :meth:`observe` names it."""
         self._pending = on_update_thread(self._update, reward, ce, self.core.global_step + 1)
 
     def _finish_update(self) -> dict[str, Any] | None:
