@@ -16,11 +16,13 @@ registry's environment settings (``reinforce-budget``: the budgeted reward). Onl
 machine falls on every agent alike. Figures are medians over rounds, and each ratio is the median of its
 per-round ratios to ``none``; "fastest rounds" divides ``none``'s fastest round by the agent's (interference from
 the rest of the machine only ever adds time, so on a busy machine this is the steadier estimate of what a step
-costs). Epoch starts (a new loader iterator) are left out of the timed steps. Within a
-step, the environment step (mask, classifier forward, backward and update, next batch) is timed apart, so
-"agent share" is the part of a step that only the agent costs (on CUDA, timed with CUDA events). Where the REINFORCE
-agents' policy update runs beside the classifier's step (``--overlap``, ``agents.reinforce.spare_core``), the agent
-share is what the main thread spends on the agent: ``act`` and any wait for the update.
+costs); ``--interleave`` instead keeps one core and agent per agent and runs the rounds as short blocks of each in
+turn, seconds apart (our agents and the baselines only). Epoch starts (a new loader iterator) are left out of the
+timed steps. Within a step, the environment step (mask, classifier forward, backward and update, next batch) is
+timed apart, so "agent share" is the part of a step that only the agent costs (on CUDA, timed with CUDA events).
+Where the REINFORCE agents' policy update runs beside the classifier's step (``--overlap``,
+``agents.reinforce.spare_core``), the agent share is what the main thread spends on the agent: ``act`` and any wait
+for the update.
 
 ``--runs N`` instead runs N steps of a real pretraining run per agent and round (``agents.runner.pretrain``: logging
 every 10 steps with the policy diagnostics, image grids every 100, evaluation at every epoch end, checkpoints) into a
@@ -45,6 +47,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from agents.base import Agent  # noqa: E402
 from agents.registry import AGENTS, environment_for, make_agent  # noqa: E402
 from agents.reinforce import Reinforce  # noqa: E402
 from agents.runner import PretrainConfig, pretrain  # noqa: E402
@@ -85,6 +88,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "a2c, whose rollouts are 8 steps)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--warmup", type=int, default=8, help="untimed steps per agent and round first")
+    p.add_argument("--interleave", action="store_true",
+                   help="keep one core and agent per agent and run the rounds as blocks of 1 + STEPS steps of each in "
+                   "turn (for a machine that drifts; not for ppo and a2c)")
     p.add_argument("--runs", type=int, default=None, metavar="STEPS",
                    help="instead: a real pretraining run of STEPS steps per agent; report its logged images/s")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -203,21 +209,50 @@ def rows_for(names: list[str], overlap: str) -> list[str]:
     return [row for n in names for row in ((n, n + SERIAL) if AGENTS[n].factory is Reinforce else (n,))]
 
 
-def measure(args: argparse.Namespace, data: DataSpec, row: str, timing: Timing) -> None:
-    """One round of a row's agent: a fresh core and agent, ``warmup`` untimed then ``steps`` timed steps of its
-    learn."""
+def build(args: argparse.Namespace, data: DataSpec, row: str, total: int) -> tuple[PretrainCore, Agent, StepClock]:
+    """A row's fresh environment core and agent, bound for ``total`` steps, with the clock that times them."""
     algo = row.removesuffix(SERIAL)
     core = PretrainCore(env_config(args, algo), data=data)
     agent = make_agent(algo, {})
     if isinstance(agent, Reinforce):
         agent.overlap = False if row.endswith(SERIAL) else OVERLAP.get(args.overlap)
     clock = StepClock(core, args.warmup, args.steps)
-    agent.bind(core, clock.total)
+    agent.bind(core, total)
     torch.manual_seed(0)
     core.reset(seed=0)
+    return core, agent, clock
+
+
+def measure(args: argparse.Namespace, data: DataSpec, row: str, timing: Timing) -> None:
+    """One round of a row's agent: a fresh core and agent, ``warmup`` untimed then ``steps`` timed steps of its
+    learn."""
+    _, agent, clock = build(args, data, row, args.warmup + args.steps)
     agent.learn(clock)
     timing.wall.append(clock.wall)
     timing.env.append(clock.env_seconds)
+
+
+def measure_interleaved(args: argparse.Namespace, data: DataSpec, rows: list[str], timings: dict[str, Timing]) -> None:
+    """``--interleave``: one core and agent per row for the whole measurement, ``warmup`` untimed steps each, then per
+    round a block of one untimed and ``steps`` timed steps of every row in turn (the order rotated), so the rows'
+    blocks are seconds apart and the machine's drift falls on all alike. Agents with their own training loop
+    (stable-baselines3's) cannot be stopped and resumed in blocks and are refused."""
+    units = []
+    for row in rows:
+        core, agent, clock = build(args, data, row, args.warmup + args.rounds * (args.steps + 1))
+        if type(agent).learn is not Agent.learn:
+            raise SystemExit(f"error: --interleave drives the agents' act/step/observe loop in blocks; {row} has its "
+                             "own training loop: leave it out, or measure it without --interleave")
+        clock.total = args.warmup
+        agent.learn(clock)
+        units.append((row, core, agent, clock))
+    for r in range(args.rounds):
+        for row, core, agent, clock in units[r % len(units):] + units[: r % len(units)]:
+            clock.warmup = core.global_step + 1
+            clock.total = clock.warmup + args.steps
+            agent.learn(clock)
+            timings[row].wall.append(clock.wall)
+            timings[row].env.append(clock.env_seconds)
 
 
 def logged_images_per_second(args: argparse.Namespace, algo: str, steps: int, folder: Path) -> list[float]:
@@ -282,12 +317,16 @@ def main(argv: list[str] | None = None) -> int:
 
     names = rows_for(names, args.overlap)
     timings = {n: Timing() for n in names}
-    for r in range(args.rounds):
+    if args.interleave:
+        measure_interleaved(args, data, names, timings)
+    for r in range(args.rounds if not args.interleave else 0):
         for n in names[r % len(names):] + names[: r % len(names)]:
             measure(args, data, n, timings[n])
     b, s = args.batch_size, args.steps
-    print(f"\npreset {args.preset}: {setting}; {args.rounds} rounds x {s} steps after {args.warmup} warm-up steps per "
-          "agent and round\n")
+    layout = (f"{args.warmup} warm-up steps per agent, then {args.rounds} interleaved blocks of 1 + {s} steps"
+              if args.interleave else f"{args.rounds} rounds x {s} steps after {args.warmup} warm-up steps per agent "
+              "and round")
+    print(f"\npreset {args.preset}: {setting}; {layout}\n")
     print("| agent | images/s | step (ms) | env step (ms) | agent share | vs none (rounds: min-max) | vs none, fastest "
           "rounds |\n|-|-|-|-|-|-|-|")
     for n in names:
