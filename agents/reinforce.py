@@ -37,8 +37,8 @@ batch mean and the classifier's loss scale use all-reduced statistics, and DDP a
 gradients, so N processes of batch B take the same steps as one process of batch N*B. (The
 reference code, under DDP, scales each process's loss by its own factor.)
 
-On a CPU with a core to spare (:func:`spare_core`: the classifier on fewer torch threads than the process has cores,
-as in ``make demo``), step 3 runs on a second thread while the classifier's backward pass, its SGD step and the next
+On a CPU with cores to spare (:func:`spare_core`: twice the classifier's torch threads, as in ``make demo``'s one
+thread on 2 cores), step 3 runs on a second thread while the classifier's backward pass, its SGD step and the next
 batch's loading run on this one: the environment hands the rewards over as soon as the classifier's forward pass
 gives them (``Action.on_reward``), and the next ``act`` waits for the update. Each thread does the same operations
 in the same order as before, so a run is the same, bit for bit, with or without it (tests/test_reinforce.py); the
@@ -101,13 +101,15 @@ def on_update_thread(fn: Callable[..., Any], *args: Any) -> Future:
 
 def spare_core(core: PretrainCore) -> bool:
     """Whether a policy update on a second thread can run beside ``core``'s classifier step without slowing it: on a
-    CPU with more cores available to this process than torch's intra-op threads and the data loader's workers take,
+    CPU with cores enough for the classifier's torch threads, as many again for the update, and the data loader's
+    workers,
     outside torch.distributed (its collectives must keep one order on every rank), unless the environment variable
     ``NOISEMASK_OVERLAP_UPDATE=0`` (several runs side by side on the same cores) says no. On a GPU the kernels already
     queue asynchronously, so there is nothing to gain."""
     if core.dev.device.type != "cpu" or is_distributed() or os.environ.get(OVERLAP_ENV, "1") == "0":
         return False
-    return available_cores() > torch.get_num_threads() + core.loader.num_workers
+    threads = torch.get_num_threads()  # the classifier's, and the update's (on_update_thread)
+    return available_cores() >= 2 * threads + core.loader.num_workers
 BASELINES = ("moving", "batch")
 
 
@@ -310,6 +312,9 @@ class Reinforce(Agent):
         """The environment's ``on_reward``: compute this step's policy update on the update thread while the
         classifier's backward pass runs on this one (:attr:`overlap`). Its errors name the step count the step will
         have once taken, as :meth:`observe` names it."""
+        if self._pending is not None:
+            raise RuntimeError("a second on_reward before observe: each action's on_reward is for one environment step")
+        self._handed = reward
         self._pending = on_update_thread(self._update, reward, ce, self.core.global_step + 1)
 
     def _finish_update(self) -> dict[str, Any] | None:
@@ -319,8 +324,15 @@ class Reinforce(Agent):
         return pending.result() if pending is not None else None
 
     def observe(self, result: StepResult) -> dict[str, float]:
+        overlapped = self._pending is not None
         scalars = self._finish_update()
-        return scalars if scalars is not None else self._update(result.reward, result.loss, self.core.global_step)
+        if not overlapped:
+            return self._update(result.reward, result.loss, self.core.global_step)
+        if result.reward is not self._handed:
+            raise RuntimeError("observe got other rewards than the environment handed over before its backward pass "
+                               "(the update already used those); to change rewards between the step and observe, "
+                               "set NOISEMASK_OVERLAP_UPDATE=0 or Reinforce.overlap = False")
+        return scalars
 
     def _update(self, reward: torch.Tensor, ce: torch.Tensor, step: int) -> dict[str, Any]:
         """One policy step from the step's per-image ``reward`` and cross-entropy ``ce``; the scalars to log."""

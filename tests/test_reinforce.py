@@ -235,12 +235,15 @@ def updating_threads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return names
 
 
-@pytest.mark.parametrize("algo", ("reinforce", "reinforce-official-scaled", "reinforce-budget"))
-def test_the_overlapped_update_gives_the_run_the_serial_one_gives(algo: str, tmp_path: Path,
+@pytest.mark.parametrize("algo, options", [
+    ("reinforce", {}), ("reinforce", {"entropy_coef": 0.01, "baseline": "batch"}), ("reinforce-official-scaled", {}),
+    ("reinforce-budget", {})])
+def test_the_overlapped_update_gives_the_run_the_serial_one_gives(algo: str, options: dict, tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A run whose policy updates run on the update thread, beside the classifier's backward pass, ends with the same
     policy, classifier, optimisers and logged scalars, bit for bit, as the same run with every update on the main
-    thread; and the updates did run where each run says."""
+    thread; and the updates did run where each run says. (The entropy bonus is the one part of the update that sets
+    grad mode, which is per thread; reinforce-budget's reward comes from its eval-mode forward and reference.)"""
     threads = updating_threads(monkeypatch)
     saved, logged, ran_on = {}, {}, {}
     for overlap in (True, False):
@@ -248,8 +251,8 @@ def test_the_overlapped_update_gives_the_run_the_serial_one_gives(algo: str, tmp
         threads.clear()
         env = EnvConfig(dataset="synthrad?n_train=96&n_val=24&n_test=24", image_size=16, grid=4, blur_kernel=3,
                         blur_sigma=1.0, batch_size=16, seed=3)
-        run = pretrain(PretrainConfig(algo=algo, env=env, epochs=2, log_every=2, image_every=5, ckpt_every=4,
-                                      run_dir=str(tmp_path / str(overlap))))
+        run = pretrain(PretrainConfig(algo=algo, env=env, agent=options, epochs=2, log_every=2, image_every=5,
+                                      ckpt_every=4, run_dir=str(tmp_path / str(overlap))))
         saved[overlap] = torch.load(run / "checkpoint.pt", weights_only=True)
         logged[overlap] = [{k: v for k, v in row.items() if not k.startswith("perf/")}
                            for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
@@ -289,10 +292,23 @@ def test_an_overlapped_update_raises_its_error_where_the_serial_one_does(monkeyp
     assert messages[0] == messages[1] and "at step 1 " in messages[0]
 
 
+def test_observe_refuses_rewards_changed_after_the_overlapped_update_read_them() -> None:
+    torch.manual_seed(0)
+    core, _ = sign_core(0)
+    agent = Reinforce()
+    agent.overlap = True
+    agent.bind(core, 10)
+    action = agent.act(core.images)
+    result = core.step(grid=action.grid, on_reward=action.on_reward)
+    result.reward = result.reward * 2
+    with pytest.raises(RuntimeError, match="other rewards than the environment handed over"):
+        agent.observe(result)
+
+
 def test_a_spare_core_is_one_torch_and_the_loader_leave_free(monkeypatch: pytest.MonkeyPatch) -> None:
     core = SimpleNamespace(dev=DevicePolicy(torch.device("cpu")), loader=SimpleNamespace(num_workers=0))
     threads = torch.get_num_threads()
-    monkeypatch.setattr(reinforce_module, "available_cores", lambda: threads + 1)
+    monkeypatch.setattr(reinforce_module, "available_cores", lambda: 2 * threads)  # the classifier's and the update's
     assert reinforce_module.spare_core(core)
     monkeypatch.setenv("NOISEMASK_OVERLAP_UPDATE", "0")  # the user's word
     assert not reinforce_module.spare_core(core)
@@ -300,7 +316,7 @@ def test_a_spare_core_is_one_torch_and_the_loader_leave_free(monkeypatch: pytest
     core.loader.num_workers = 1  # the loader's worker takes it
     assert not reinforce_module.spare_core(core)
     core.loader.num_workers = 0
-    monkeypatch.setattr(reinforce_module, "available_cores", lambda: threads)
+    monkeypatch.setattr(reinforce_module, "available_cores", lambda: 2 * threads - 1)
     assert not reinforce_module.spare_core(core)
     monkeypatch.setattr(reinforce_module, "available_cores", lambda: threads + 4)
     monkeypatch.setattr(reinforce_module, "is_distributed", lambda: True)
