@@ -98,7 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
     p.add_argument("--overlap", choices=("auto", "on", "off", "both"), default="auto",
                    help="the REINFORCE agents' policy update on a second thread during the classifier's backward pass "
-                   "(auto: where a core is spare, agents.reinforce.spare_core; both: a row for each, not with --runs)")
+                   "(auto: where a core is spare, agents.reinforce.spare_core; both: a row on and a row off, not with "
+                   "--runs)")
     args = p.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
@@ -200,6 +201,7 @@ class Timing:
 SERIAL = " (serial)"
 """Row-label suffix of a REINFORCE agent measured with its policy update on the main thread (``--overlap both``)."""
 OVERLAP = {"auto": None, "on": True, "off": False}
+"""``--overlap``'s values as ``Reinforce.overlap`` (with ``both``, the row without ``(serial)`` is ``on``)."""
 
 
 def rows_for(names: list[str], overlap: str) -> list[str]:
@@ -215,7 +217,7 @@ def build(args: argparse.Namespace, data: DataSpec, row: str, total: int) -> tup
     core = PretrainCore(env_config(args, algo), data=data)
     agent = make_agent(algo, {})
     if isinstance(agent, Reinforce):
-        agent.overlap = False if row.endswith(SERIAL) else OVERLAP.get(args.overlap)
+        agent.overlap = False if row.endswith(SERIAL) else OVERLAP.get(args.overlap, True)
     clock = StepClock(core, args.warmup, args.steps)
     agent.bind(core, total)
     torch.manual_seed(0)
@@ -294,8 +296,9 @@ def main(argv: list[str] | None = None) -> int:
                f"core(s) available; classifier in {resolve_precision(args.precision, device)}; policy update "
                f"overlapped: {args.overlap}")
     if args.runs:
-        if args.overlap == "both":
-            print("error: --overlap both times bare steps; give --runs one of auto, on or off", file=sys.stderr)
+        if args.overlap == "both" or args.interleave:
+            print("error: --overlap both and --interleave time bare steps; --runs takes neither (give --overlap auto, "
+                  "on or off)", file=sys.stderr)
             return 2
         Reinforce.overlap = OVERLAP[args.overlap]  # the runs build their agents themselves
         logged: dict[str, list[float]] = {n: [] for n in names}  # per run: the median of its windows

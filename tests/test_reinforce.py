@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -290,6 +291,35 @@ def test_an_overlapped_update_raises_its_error_where_the_serial_one_does(monkeyp
         assert all(torch.equal(a, p) for a, p in zip(before, agent.policy.parameters()))
         assert agent._pending is None
     assert messages[0] == messages[1] and "at step 1 " in messages[0]
+
+
+@pytest.mark.parametrize("reader", ("act", "state_dict"))
+def test_what_reads_the_policy_waits_for_an_overlapped_update(reader: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An update still running on the update thread (slowed down here) is waited for by the next act and by
+    state_dict, even without observe: neither sees the policy before it."""
+    update = Reinforce._update
+
+    def slow(self, *args):
+        time.sleep(0.3)
+        return update(self, *args)
+
+    monkeypatch.setattr(Reinforce, "_update", slow)
+    torch.manual_seed(0)
+    core, _ = sign_core(0)
+    agent = Reinforce(policy_lr=0.1)  # the sign task's classifier trains at 0, and the default is its lr / 10
+    agent.overlap = True
+    agent.bind(core, 10)
+    before = [p.detach().clone() for p in agent.policy.parameters()]
+    action = agent.act(core.images)
+    core.step(grid=action.grid, on_reward=action.on_reward)
+    if reader == "act":
+        agent.act(core.images)
+        after = [p.detach() for p in agent.policy.parameters()]
+    else:
+        saved = agent.state_dict()["policy"]
+        after = [saved[name] for name, _ in agent.policy.named_parameters()]
+    assert agent._pending is None
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))
 
 
 def test_observe_refuses_rewards_changed_after_the_overlapped_update_read_them() -> None:
