@@ -32,6 +32,9 @@ class Action:
     on_reward: Callable[[torch.Tensor, torch.Tensor], None] | None = None
     """Called by the environment with the step's per-image reward and cross-entropy as soon as they are known, before
     the classifier's backward pass (``envs.core.PretrainCore.step``): an agent may start its update there."""
+    on_next_batch: Callable[[torch.Tensor], None] | None = None
+    """Called by the environment with the next uint8 batch right after ``on_reward``, still before the classifier's
+    backward pass (not at an epoch's end): an agent may start its next action's work there."""
 
 
 class Agent:
@@ -96,6 +99,7 @@ class Agent:
                 core.reset()
             action = self.act(core.images)
             result = core.step(grid=action.grid, perturb=action.perturb, loss_scale=action.loss_scale,
-                               augment=action.augment, on_reward=action.on_reward)
+                               augment=action.augment, on_reward=action.on_reward,
+                               on_next_batch=action.on_next_batch)
             scalars = self.observe(result)
             runner.after_step(result, scalars)

@@ -92,14 +92,16 @@ class BetaMaskPolicy(nn.Module):
         """The raw head output (B, 2, G, G) for a uint8 batch."""
         return self.head(self.features(images)).float()
 
-    def forward(self, images: torch.Tensor, update_base: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor, update_base: bool = False, head: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Beta concentrations ``(alpha, beta)``, each (B, G, G), clamped to ``[CONC_MIN, CONC_MAX]``.
 
         With ``update_base`` (training), the ``exp`` parameterisation's moving-average base takes one
         step toward the batch-mean head output; under torch.distributed the batch mean is over all ranks,
-        so the base stays identical everywhere.
+        so the base stays identical everywhere. ``head``: ``head_output(images)`` if it was computed already (with
+        the same parameters; the base is not part of it), else None.
         """
-        h = self.head_output(images)
+        h = self.head_output(images) if head is None else head
         if self.param == "softplus":
             conc = F.softplus(h) + 1.0
         else:
@@ -118,11 +120,13 @@ class BetaMaskPolicy(nn.Module):
         self.base.mul_(self.base_momentum).add_((1.0 - self.base_momentum) * batch_mean)
 
 
-def beta_distribution(policy: nn.Module, images: torch.Tensor, update_base: bool = False, step: int = 0) -> Beta:
-    """The per-cell Beta distribution (batch shape (B, G, G)) of ``policy`` (plain or DDP-wrapped).
+def beta_distribution(policy: nn.Module, images: torch.Tensor, update_base: bool = False, step: int = 0,
+                      head: torch.Tensor | None = None) -> Beta:
+    """The per-cell Beta distribution (batch shape (B, G, G)) of ``policy`` (plain or DDP-wrapped), from the images'
+    ``head`` output if it was computed already (:meth:`BetaMaskPolicy.forward`).
 
     Non-finite concentrations raise :class:`classifiers.train.NonFiniteError` naming them and ``step``."""
-    alpha, beta = policy(images, update_base)
+    alpha, beta = policy(images, update_base) if head is None else policy(images, update_base, head=head)
     check_finite(alpha, "policy concentration alpha", step)
     check_finite(beta, "policy concentration beta", step)
     return cell_beta(alpha, beta)

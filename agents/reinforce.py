@@ -41,8 +41,9 @@ On a CPU with cores to spare (:func:`spare_core`: twice the classifier's torch t
 thread on 2 cores), step 3 runs on a second thread while the classifier's backward pass, its SGD step and the next
 batch's loading run on this one: the environment hands the rewards over as soon as the classifier's forward pass
 gives them (``Action.on_reward``), and the next ``act`` waits for the update. Each thread does the same operations
-in the same order as before, so a run is the same, bit for bit, with or without it (tests/test_reinforce.py); the
-policy's forward and sampling stay on the main thread, since they need the updated policy and the next batch.
+in the same order as before, so a run is the same, bit for bit, with or without it (tests/test_reinforce.py). The
+environment also hands over the next batch (``Action.on_next_batch``), and the same thread then computes the policy's
+forward pass for it (trunk and head), after the update; ``act`` keeps the moving-average base's step and the sampling.
 ``NOISEMASK_OVERLAP_UPDATE=0`` in the environment (or ``Reinforce.overlap = False``) keeps everything on one thread.
 """
 
@@ -235,9 +236,10 @@ class BudgetAllocation(nn.Module):
         super().__init__()
         self.policy, self.budget, self.concentration = policy, budget, concentration
 
-    def forward(self, images: torch.Tensor, update_base: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor, update_base: bool = False, head: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         p = self.policy
-        logits = p.head_output(images)
+        logits = p.head_output(images) if head is None else head
         if p.param == "exp":
             if update_base:
                 p._update_base(logits.detach().mean(0))
@@ -283,6 +285,8 @@ class Reinforce(Agent):
         self.baseline = torch.zeros((), device=core.dev.device)
         self.baseline_ready = False
         self._pending: Future | None = None
+        self._ahead: tuple[torch.Tensor, Future] | None = None
+        """The next batch and its policy head output being computed on the update thread (:meth:`_start_forward`)."""
 
     @torch.no_grad()
     def mask_distribution(self, images: torch.Tensor) -> Beta:
@@ -292,16 +296,18 @@ class Reinforce(Agent):
 
     def act(self, images: torch.Tensor) -> Action:
         self._finish_update()
+        head = self._take_ahead(images)
         self.policy.train()
-        dist = beta_distribution(self.net, images, update_base=True, step=self.core.global_step)
+        dist = beta_distribution(self.net, images, update_base=True, step=self.core.global_step, head=head)
         grid = sample_mask(dist)
         self._dist, self._grid = dist, grid
         self._loss_scale = None
         if self.cfg.scale_classifier_loss:
             with torch.no_grad():  # a constant to the classifier; the policy's gradient comes from observe
                 self._loss_scale = all_mean(log_sum_exp_term(mask_log_prob(dist, grid)))
-        return Action(grid=grid, loss_scale=self._loss_scale,
-                      on_reward=self._start_update if self._overlaps() else None)
+        overlap = self._overlaps()
+        return Action(grid=grid, loss_scale=self._loss_scale, on_reward=self._start_update if overlap else None,
+                      on_next_batch=self._start_forward if overlap else None)
 
     def _overlaps(self) -> bool:
         if self.overlap is None:
@@ -317,11 +323,40 @@ class Reinforce(Agent):
         self._handed = reward
         self._pending = on_update_thread(self._update, reward, ce, self.core.global_step + 1)
 
+    def _start_forward(self, images: torch.Tensor) -> None:
+        """The environment's ``on_next_batch``: the policy's forward pass for the next batch (its head output, the
+        trunk's convolutions; with gradient, for the next update), on the update thread after this step's update, so
+        with the parameters the next ``act`` would use. The rest of the next action (the moving-average base, which is
+        state a checkpoint written before then must not yet hold, and the sampling, which draws from the generator the
+        main thread also draws from) stays in ``act``."""
+        self._ahead = (images, on_update_thread(self.policy.head_output, images))
+
+    def _take_ahead(self, images: torch.Tensor) -> torch.Tensor | None:
+        """The head output :meth:`_start_forward` computed, if it was for ``images`` (the same tensor), else None."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return None
+        head = ahead[1].result()
+        return head if ahead[0] is images else None
+
     def _finish_update(self) -> dict[str, Any] | None:
         """Wait for an update started by :meth:`_start_update`; its scalars (None when none was pending). An error
-        the update raised (a non-finite reward or loss) is raised here."""
+        the update raised (a non-finite reward or loss) is raised here, and a forward pass started after it is
+        dropped."""
         pending, self._pending = self._pending, None
-        return pending.result() if pending is not None else None
+        if pending is None:
+            return None
+        try:
+            return pending.result()
+        except BaseException:
+            self._drop_ahead()
+            raise
+
+    def _drop_ahead(self) -> None:
+        """Wait for a forward pass :meth:`_start_forward` started (it reads the parameters) and forget it."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead[1].exception()
 
     def observe(self, result: StepResult) -> dict[str, float]:
         overlapped = self._pending is not None
@@ -398,6 +433,7 @@ class Reinforce(Agent):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._finish_update()
+        self._drop_ahead()  # computed with the parameters about to be replaced
         self.policy.load_state_dict(state["policy"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -71,7 +71,8 @@ LOOP = "learn loop (untimed rest)"
 UPDATE_THREAD = "update thread"
 """Label prefix of the parts timed on the policy-update thread (beside the main loop, so outside its total)."""
 CATEGORIES = (
-    ("update thread: the policy update beside the classifier step (not in the total)",
+    ("update thread: the policy update and the next batch's policy trunk, beside the classifier step (not in the "
+     "total)",
      lambda x: x.startswith(UPDATE_THREAD)),
     ("data (next batch: sampler, fork_rng, collate, augmentation)",
      lambda x: x.endswith("data (next batch)") or "RandomResizedCrop" in x),
@@ -203,7 +204,7 @@ def instrument(t: Timers, runner: PretrainRunner) -> None:
     core, agent = runner.core, runner.agent
     # the classifier step and what surrounds it in the environment
     t.patch(core, "step", "env step", phase=True)
-    t.patch(core, "_next_batch", "data (next batch)")
+    t.patch(core, "_fetch", "data (next batch)")
     t.patch(core.loader.dataset, "augment", "data: per-image RandomResizedCrop + flip")
     t.patch(core, "_normalised", "normalise")
     t.patch(core, "_masked", "additive perturbation (perturb)")
@@ -225,6 +226,7 @@ def instrument(t: Timers, runner: PretrainRunner) -> None:
     t.patch(torch.nn.utils, "clip_grad_norm_", "gradient clipping")
     if hasattr(agent, "sampler"):  # our REINFORCE
         t.patch(agent.sampler, "forward", "policy forward")
+        t.patch(agent.policy, "head_output", "policy trunk + head")  # on the update thread when computed ahead
         t.patch(agent.optimizer, "step", "optimiser step")
         t.patch(type(agent.scheduler), "step", "lr schedule step")  # on the class: an instance attribute would
         # land in the scheduler's state_dict (its __dict__) and break the checkpoint

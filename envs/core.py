@@ -203,15 +203,24 @@ class PretrainCore:
             group["lr"] = self.lr_at(epoch)
         self.loader.sampler.set_epoch(epoch, start_step * self.cfg.batch_size)
         self._iter = iter(self.loader)
+        self._held: list[tuple[torch.Tensor, torch.Tensor] | None] = []
         self.exhausted = not self._next_batch()
 
-    def _next_batch(self) -> bool:
+    def _fetch(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The epoch's next (images, labels) on the device; None when it has run out."""
+        if self._held:  # fetched by a step that then failed
+            return self._held.pop()
         try:
             images, labels = next(self._iter)
         except StopIteration:
-            return False
-        self.images, self.labels = self.dev.batch(images, labels)
-        return True
+            return None
+        return self.dev.batch(images, labels)
+
+    def _next_batch(self) -> bool:
+        upcoming = self._fetch()
+        if upcoming is not None:
+            self.images, self.labels = upcoming
+        return upcoming is not None
 
     def reset(self, seed: int | None = None) -> torch.Tensor:
         """Start an episode. With ``seed``: a fresh classifier, optimiser and data order (a new run).
@@ -248,10 +257,14 @@ class PretrainCore:
 
     def step(self, grid: torch.Tensor | None = None, perturb: Transform | None = None,
              loss_scale: torch.Tensor | None = None, augment: Transform | None = None,
-             on_reward: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> StepResult:
+             on_reward: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+             on_next_batch: Callable[[torch.Tensor], None] | None = None) -> StepResult:
         """Augment the uint8 batch with ``augment`` if given, apply ``grid`` (B, G, G) as the noise mask (None: no
         mask) and/or ``perturb`` to the normalised batch (:meth:`inputs`), take one classifier step, and load the next
-        batch.
+        batch. (The next batch is loaded before the classifier's training forward pass, so that work on it can start
+        during the backward pass, and so that loading, much of it Python, does not compete for the interpreter with an
+        agent's work on another thread; the data pipeline draws from its own generators, so the order changes no
+        result. If the step fails, the batch is kept for the next.)
 
         ``loss_scale`` (a 0-d tensor on the device; None: 1) multiplies the classifier's batch-mean
         cross-entropy before its backward pass, as the reference code does; the returned losses and
@@ -259,7 +272,9 @@ class PretrainCore:
 
         ``on_reward``, if given, is called with the per-image reward and cross-entropy (the result's ``reward`` and
         ``loss``) as soon as they are known: before the classifier's backward pass, so an agent can compute its own
-        update while the classifier's step runs (:class:`agents.reinforce.Reinforce` on a spare CPU core)."""
+        update while the classifier's step runs (:class:`agents.reinforce.Reinforce` on a spare CPU core).
+        ``on_next_batch``, if given, is then called with the next uint8 batch (what :attr:`images` will be), still
+        before the backward pass; not when the epoch has run out."""
         if self._iter is None:
             raise RuntimeError("call reset() before step()")
         grid = self.applied_grid(grid)
@@ -285,15 +300,24 @@ class PretrainCore:
             found["reward"] = reward - self._reward(*ref_score) if ref_score is not None else reward
             if on_reward is not None:
                 on_reward(found["reward"], found["loss"])
+            if upcoming is not None and on_next_batch is not None:
+                on_next_batch(upcoming[0])
 
-        supervised_step(self.model, self.optimizer, x, self.labels, self.dev, step=self.global_step,
-                        loss_scale=loss_scale, after_forward=forward_done)
+        upcoming = self._fetch()
+        try:
+            supervised_step(self.model, self.optimizer, x, self.labels, self.dev, step=self.global_step,
+                            loss_scale=loss_scale, after_forward=forward_done)
+        except BaseException:
+            self._held.append(upcoming)
+            raise
         loss, correct, reward = found["loss"], found["correct"], found["reward"]
         self.global_step += 1
         self.step_in_epoch += 1
         self.episode_steps += 1
         self.stepped_images = self.images  # what this step trained on, for logging beside its masks
-        more = self._next_batch()
+        more = upcoming is not None
+        if more:
+            self.images, self.labels = upcoming
         self.exhausted = not more
         limit = self.cfg.max_steps is not None and self.episode_steps >= self.cfg.max_steps
         return StepResult(reward=reward, loss=loss, correct=correct, truncated=(not more) or limit, grid=grid)

@@ -249,6 +249,13 @@ def test_non_finite_loss_raises_and_changes_nothing(synthrad_spec: str) -> None:
     for k, v in opt_before["state"].items():
         assert torch.equal(v["momentum_buffer"], opt_after["state"][k]["momentum_buffer"])
     assert core.global_step == 1 and torch.equal(core.images, images_before)
-    # The environment carries on with a good step.
+    # The environment carries on with a good step, and the batch after it is the one it would have been: the step
+    # that failed had loaded it already (PretrainCore.step loads the next batch before its training forward pass).
     _, reward, _, _, info = env.step(fixed_action())
     assert np.isfinite(reward) and info["step"] == 2
+    unfailed = make(synthrad_spec)
+    unfailed.reset(seed=0)
+    for _ in range(2):
+        unfailed.step(fixed_action())
+    assert torch.equal(core.images, unfailed.unwrapped.core.images)
+    assert torch.equal(core.labels, unfailed.unwrapped.core.labels)

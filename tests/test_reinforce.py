@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -18,7 +19,7 @@ from torch.distributions import Beta
 
 import agents.reinforce as reinforce_module
 from agents.diagnostics import Probe, policy_diagnostics
-from agents.policy import mask_log_prob, sample_mask
+from agents.policy import BetaMaskPolicy, mask_log_prob, sample_mask
 from agents.reinforce import Reinforce, official_loss, reinforce_loss
 from agents.runner import PretrainConfig, pretrain
 from classifiers.data import DataSpec, ImageSource
@@ -236,20 +237,38 @@ def updating_threads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return names
 
 
+def forwarding_threads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The name of the thread each of act's policy forward passes (those with gradient: not the diagnostics') ran
+    on, in order."""
+    names: list[str] = []
+    head_output = BetaMaskPolicy.head_output
+
+    def recorded(self, images):
+        if torch.is_grad_enabled():
+            names.append(threading.current_thread().name)
+        return head_output(self, images)
+
+    monkeypatch.setattr(BetaMaskPolicy, "head_output", recorded)
+    return names
+
+
 @pytest.mark.parametrize("algo, options", [
     ("reinforce", {}), ("reinforce", {"entropy_coef": 0.01, "baseline": "batch"}), ("reinforce-official-scaled", {}),
     ("reinforce-budget", {})])
 def test_the_overlapped_update_gives_the_run_the_serial_one_gives(algo: str, options: dict, tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """A run whose policy updates run on the update thread, beside the classifier's backward pass, ends with the same
-    policy, classifier, optimisers and logged scalars, bit for bit, as the same run with every update on the main
-    thread; and the updates did run where each run says. (The entropy bonus is the one part of the update that sets
-    grad mode, which is per thread; reinforce-budget's reward comes from its eval-mode forward and reference.)"""
-    threads = updating_threads(monkeypatch)
-    saved, logged, ran_on = {}, {}, {}
+    """A run whose policy updates, and policy forward passes for the next batch, run on the update thread, beside
+    the classifier's backward pass, ends with the same policy, classifier, optimisers and logged scalars, bit for bit,
+    as the same run with all of it on the main thread; and each part did run where each run says: overlapped, every
+    act's forward pass but each epoch's first (its batch comes from reset, after the last step). (The entropy bonus is
+    the one part of the update that sets grad mode, which is per thread; reinforce-budget's reward comes from its
+    eval-mode forward and reference.)"""
+    threads, forwards = updating_threads(monkeypatch), forwarding_threads(monkeypatch)
+    saved, logged, ran_on, forwarded_on = {}, {}, {}, {}
     for overlap in (True, False):
         monkeypatch.setattr(Reinforce, "overlap", overlap)
         threads.clear()
+        forwards.clear()
         env = EnvConfig(dataset="synthrad?n_train=96&n_val=24&n_test=24", image_size=16, grid=4, blur_kernel=3,
                         blur_sigma=1.0, batch_size=16, seed=3)
         run = pretrain(PretrainConfig(algo=algo, env=env, agent=options, epochs=2, log_every=2, image_every=5,
@@ -258,7 +277,10 @@ def test_the_overlapped_update_gives_the_run_the_serial_one_gives(algo: str, opt
         logged[overlap] = [{k: v for k, v in row.items() if not k.startswith("perf/")}
                            for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
         ran_on[overlap] = set(threads)
-    assert ran_on == {True: {"policy-update_0"}, False: {threading.main_thread().name}}
+        forwarded_on[overlap] = Counter(forwards)
+    main = threading.main_thread().name
+    assert ran_on == {True: {"policy-update_0"}, False: {main}}
+    assert forwarded_on == {True: {main: 2, "policy-update_0": 10}, False: {main: 12}}  # 2 epochs of 6 steps
     for a, b in zip(logged[True], logged[False]):
         assert a == b, {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}
     assert len(logged[True]) == len(logged[False]) and any("policy/loss" in row for row in logged[True])
@@ -320,6 +342,40 @@ def test_what_reads_the_policy_waits_for_an_overlapped_update(reader: str, monke
         after = [saved[name] for name, _ in agent.policy.named_parameters()]
     assert agent._pending is None
     assert any(not torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_a_forward_pass_computed_ahead_serves_only_its_batch_and_policy() -> None:
+    """The head output computed ahead on the update thread is used by act only for the batch it was computed for,
+    and is dropped when load_state_dict replaces the parameters it was computed with: act then gives what a serial
+    agent holding the same state gives."""
+    torch.manual_seed(0)
+    core, _ = sign_core(0)
+    agent = Reinforce(policy_lr=0.1)
+    agent.overlap = True
+    agent.bind(core, 10)
+    other = Reinforce(policy_lr=0.1)
+    other.overlap = False
+    other.bind(core, 10)
+    for p in other.policy.parameters():
+        p.data.add_(0.5)
+    state = other.state_dict()
+    for case in ("another batch", "loaded state"):
+        action = agent.act(core.images)
+        core.step(grid=action.grid, on_reward=action.on_reward, on_next_batch=action.on_next_batch)
+        assert agent._ahead is not None and agent._ahead[0] is core.images
+        if case == "loaded state":
+            agent.load_state_dict(state)
+            other.load_state_dict(state)
+        else:
+            agent._finish_update()
+            other.load_state_dict(agent.state_dict())
+        images = core.images.flip(-1) if case == "another batch" else core.images
+        with torch.no_grad():
+            expected = other.policy(images, update_base=True)  # as act does
+        agent.act(images)
+        assert torch.equal(agent._dist.concentration1, expected[0]), case
+        assert torch.equal(agent._dist.concentration0, expected[1]), case
+        agent._pending = None  # no observe: the next case starts a fresh step
 
 
 def test_observe_refuses_rewards_changed_after_the_overlapped_update_read_them() -> None:
