@@ -126,7 +126,7 @@ def beta_distribution(policy: nn.Module, images: torch.Tensor, update_base: bool
     ``head`` output if it was computed already (:meth:`BetaMaskPolicy.forward`).
 
     Non-finite concentrations raise :class:`classifiers.train.NonFiniteError` naming them and ``step``."""
-    alpha, beta = policy(images, update_base) if head is None else policy(images, update_base, head=head)
+    alpha, beta = policy(images, update_base, head=head)
     check_finite(alpha, "policy concentration alpha", step)
     check_finite(beta, "policy concentration beta", step)
     return cell_beta(alpha, beta)

@@ -38,9 +38,9 @@ gradients, so N processes of batch B take the same steps as one process of batch
 reference code, under DDP, scales each process's loss by its own factor.)
 
 On a CPU with cores to spare (:func:`spare_core`: twice the classifier's torch threads, as in ``make demo``'s one
-thread on 2 cores), step 3 runs on a second thread while the classifier's backward pass, its SGD step and the next
-batch's loading run on this one: the environment hands the rewards over as soon as the classifier's forward pass
-gives them (``Action.on_reward``), and the next ``act`` waits for the update. Each thread does the same operations
+thread on 2 cores), step 3 runs on a second thread while the classifier's backward pass and its SGD step run on this
+one: the environment hands the rewards over as soon as the classifier's forward pass gives them
+(``Action.on_reward``), and the next ``act`` waits for the update. Each thread does the same operations
 in the same order as before, so a run is the same, bit for bit, with or without it (tests/test_reinforce.py). The
 environment also hands over the next batch (``Action.on_next_batch``), and the same thread then computes the policy's
 forward pass for it (trunk and head), after the update; ``act`` keeps the moving-average base's step and the sampling.
@@ -84,8 +84,9 @@ OVERLAP_ENV = "NOISEMASK_OVERLAP_UPDATE"
 
 
 def on_update_thread(fn: Callable[..., Any], *args: Any) -> Future:
-    """Run ``fn(*args)`` on the one thread every agent in this process computes overlapped policy updates on (one
-    update is pending at a time: an agent waits for its own before its next step), with the calling thread's number
+    """Run ``fn(*args)`` on the one thread every agent in this process computes overlapped policy updates on (in the
+    order submitted: an agent's update, then its forward pass for the next batch; it waits for both before its next
+    step), with the calling thread's number
     of torch threads: a new thread starts with OpenMP's default (every core), and oneDNN's kernels then split their
     work otherwise, so the sums would differ in their last bits from the same update on the calling thread."""
     global _UPDATE_THREAD
@@ -312,7 +313,7 @@ class Reinforce(Agent):
     def _overlaps(self) -> bool:
         if self.overlap is None:
             self.overlap = spare_core(self.core)
-        return self.overlap
+        return self.overlap and not is_distributed()  # collectives and DDP's forward stay on the main thread
 
     def _start_update(self, reward: torch.Tensor, ce: torch.Tensor) -> None:
         """The environment's ``on_reward``: compute this step's policy update on the update thread while the
@@ -329,34 +330,24 @@ class Reinforce(Agent):
         with the parameters the next ``act`` would use. The rest of the next action (the moving-average base, which is
         state a checkpoint written before then must not yet hold, and the sampling, which draws from the generator the
         main thread also draws from) stays in ``act``."""
-        self._ahead = (images, on_update_thread(self.policy.head_output, images))
+        if self._pending is not None:  # else the update runs in observe, on this thread, and would race with it
+            self._ahead = (images, on_update_thread(self.policy.head_output, images))
 
-    def _take_ahead(self, images: torch.Tensor) -> torch.Tensor | None:
-        """The head output :meth:`_start_forward` computed, if it was for ``images`` (the same tensor), else None."""
+    def _take_ahead(self, images: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Wait for a forward pass :meth:`_start_forward` started (it reads the parameters) and forget it; its head
+        output if it was for ``images`` (the same tensor), else None."""
         ahead, self._ahead = self._ahead, None
-        if ahead is None:
+        if ahead is None or ahead[0] is not images:
+            if ahead is not None:
+                ahead[1].exception()  # wait; an error in a forward pass nobody uses is nobody's
             return None
-        head = ahead[1].result()
-        return head if ahead[0] is images else None
+        return ahead[1].result()
 
     def _finish_update(self) -> dict[str, Any] | None:
         """Wait for an update started by :meth:`_start_update`; its scalars (None when none was pending). An error
-        the update raised (a non-finite reward or loss) is raised here, and a forward pass started after it is
-        dropped."""
+        the update raised (a non-finite reward or loss) is raised here."""
         pending, self._pending = self._pending, None
-        if pending is None:
-            return None
-        try:
-            return pending.result()
-        except BaseException:
-            self._drop_ahead()
-            raise
-
-    def _drop_ahead(self) -> None:
-        """Wait for a forward pass :meth:`_start_forward` started (it reads the parameters) and forget it."""
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None:
-            ahead[1].exception()
+        return pending.result() if pending is not None else None
 
     def observe(self, result: StepResult) -> dict[str, float]:
         overlapped = self._pending is not None
@@ -433,7 +424,7 @@ class Reinforce(Agent):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._finish_update()
-        self._drop_ahead()  # computed with the parameters about to be replaced
+        self._take_ahead()  # computed with the parameters about to be replaced: dropped
         self.policy.load_state_dict(state["policy"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

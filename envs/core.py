@@ -172,6 +172,8 @@ class PretrainCore:
         self.step_in_epoch = 0
         self.episode_steps = 0
         self._iter = None
+        self._held: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        """The batch a failed step had fetched ahead (at most one; None when the epoch had run out)."""
         self.exhausted = True
         self.images: torch.Tensor | None = None
         self.stepped_images: torch.Tensor | None = None
@@ -203,7 +205,7 @@ class PretrainCore:
             group["lr"] = self.lr_at(epoch)
         self.loader.sampler.set_epoch(epoch, start_step * self.cfg.batch_size)
         self._iter = iter(self.loader)
-        self._held: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        self._held = []
         self.exhausted = not self._next_batch()
 
     def _fetch(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -216,11 +218,14 @@ class PretrainCore:
             return None
         return self.dev.batch(images, labels)
 
+    def _load(self, batch: tuple[torch.Tensor, torch.Tensor] | None) -> bool:
+        """Make ``batch`` (from :meth:`_fetch`) the current one; False when the epoch had run out."""
+        if batch is not None:
+            self.images, self.labels = batch
+        return batch is not None
+
     def _next_batch(self) -> bool:
-        upcoming = self._fetch()
-        if upcoming is not None:
-            self.images, self.labels = upcoming
-        return upcoming is not None
+        return self._load(self._fetch())
 
     def reset(self, seed: int | None = None) -> torch.Tensor:
         """Start an episode. With ``seed``: a fresh classifier, optimiser and data order (a new run).
@@ -261,10 +266,7 @@ class PretrainCore:
              on_next_batch: Callable[[torch.Tensor], None] | None = None) -> StepResult:
         """Augment the uint8 batch with ``augment`` if given, apply ``grid`` (B, G, G) as the noise mask (None: no
         mask) and/or ``perturb`` to the normalised batch (:meth:`inputs`), take one classifier step, and load the next
-        batch. (The next batch is loaded before the classifier's training forward pass, so that work on it can start
-        during the backward pass, and so that loading, much of it Python, does not compete for the interpreter with an
-        agent's work on another thread; the data pipeline draws from its own generators, so the order changes no
-        result. If the step fails, the batch is kept for the next.)
+        batch.
 
         ``loss_scale`` (a 0-d tensor on the device; None: 1) multiplies the classifier's batch-mean
         cross-entropy before its backward pass, as the reference code does; the returned losses and
@@ -274,7 +276,11 @@ class PretrainCore:
         ``loss``) as soon as they are known: before the classifier's backward pass, so an agent can compute its own
         update while the classifier's step runs (:class:`agents.reinforce.Reinforce` on a spare CPU core).
         ``on_next_batch``, if given, is then called with the next uint8 batch (what :attr:`images` will be), still
-        before the backward pass; not when the epoch has run out."""
+        before the backward pass; not when the epoch has run out. The next batch is then loaded before the classifier's
+        training forward pass rather than after its SGD step, so that loading (much of it Python) does not compete for
+        the interpreter with the agent's work on its own thread; the data pipeline draws from its own generators, so the
+        order changes no result, and a step that fails keeps the batch for the next. (Without ``on_next_batch`` it is
+        loaded after the step, while a GPU still works through it.)"""
         if self._iter is None:
             raise RuntimeError("call reset() before step()")
         grid = self.applied_grid(grid)
@@ -293,6 +299,8 @@ class PretrainCore:
         elif ref is not None:  # the reference in train mode, with its own batch statistics, before the update
             ref_score = self._score(ref, train=True)
         found: dict[str, torch.Tensor] = {}
+        early = on_next_batch is not None
+        upcoming = self._fetch() if early else None
 
         def forward_done(loss: torch.Tensor, logits: torch.Tensor) -> None:
             found["loss"], found["correct"] = loss, (logits.argmax(1) == self.labels).float()
@@ -300,24 +308,22 @@ class PretrainCore:
             found["reward"] = reward - self._reward(*ref_score) if ref_score is not None else reward
             if on_reward is not None:
                 on_reward(found["reward"], found["loss"])
-            if upcoming is not None and on_next_batch is not None:
+            if early and upcoming is not None:
                 on_next_batch(upcoming[0])
 
-        upcoming = self._fetch()
         try:
             supervised_step(self.model, self.optimizer, x, self.labels, self.dev, step=self.global_step,
                             loss_scale=loss_scale, after_forward=forward_done)
         except BaseException:
-            self._held.append(upcoming)
+            if early:
+                self._held.append(upcoming)
             raise
         loss, correct, reward = found["loss"], found["correct"], found["reward"]
         self.global_step += 1
         self.step_in_epoch += 1
         self.episode_steps += 1
         self.stepped_images = self.images  # what this step trained on, for logging beside its masks
-        more = upcoming is not None
-        if more:
-            self.images, self.labels = upcoming
+        more = self._load(upcoming) if early else self._next_batch()
         self.exhausted = not more
         limit = self.cfg.max_steps is not None and self.episode_steps >= self.cfg.max_steps
         return StepResult(reward=reward, loss=loss, correct=correct, truncated=(not more) or limit, grid=grid)

@@ -242,20 +242,27 @@ def test_non_finite_loss_raises_and_changes_nothing(synthrad_spec: str) -> None:
     opt_before = copy.deepcopy(core.optimizer.state_dict())
     images_before = core.images.clone()
     grid = torch.from_numpy(fixed_action())
-    with pytest.raises(NonFiniteError, match="not finite"):
-        core.step(grid, perturb=lambda x: x * float("nan"))
+    handed = []
+    with pytest.raises(NonFiniteError, match="not finite"):  # on_next_batch: the next batch is fetched first
+        core.step(grid, perturb=lambda x: x * float("nan"), on_next_batch=handed.append)
+    assert handed == []
     assert_same_weights(before, weights(env))  # parameters and BatchNorm running statistics
     opt_after = core.optimizer.state_dict()
     for k, v in opt_before["state"].items():
         assert torch.equal(v["momentum_buffer"], opt_after["state"][k]["momentum_buffer"])
     assert core.global_step == 1 and torch.equal(core.images, images_before)
     # The environment carries on with a good step, and the batch after it is the one it would have been: the step
-    # that failed had loaded it already (PretrainCore.step loads the next batch before its training forward pass).
+    # that failed had fetched it already. A step that fails before a reset leaves nothing behind in the new epoch.
     _, reward, _, _, info = env.step(fixed_action())
     assert np.isfinite(reward) and info["step"] == 2
     unfailed = make(synthrad_spec)
     unfailed.reset(seed=0)
     for _ in range(2):
         unfailed.step(fixed_action())
-    assert torch.equal(core.images, unfailed.unwrapped.core.images)
-    assert torch.equal(core.labels, unfailed.unwrapped.core.labels)
+    other = unfailed.unwrapped.core
+    assert torch.equal(core.images, other.images) and torch.equal(core.labels, other.labels)
+    with pytest.raises(NonFiniteError, match="not finite"):
+        core.step(grid, perturb=lambda x: x * float("nan"), on_next_batch=handed.append)
+    core.reset()
+    other.reset()
+    assert torch.equal(core.images, other.images) and torch.equal(core.labels, other.labels)

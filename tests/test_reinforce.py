@@ -273,7 +273,9 @@ def test_the_overlapped_update_gives_the_run_the_serial_one_gives(algo: str, opt
                         blur_sigma=1.0, batch_size=16, seed=3)
         run = pretrain(PretrainConfig(algo=algo, env=env, agent=options, epochs=2, log_every=2, image_every=5,
                                       ckpt_every=4, run_dir=str(tmp_path / str(overlap))))
-        saved[overlap] = torch.load(run / "checkpoint.pt", weights_only=True)
+        # the last checkpoint and the one before it (step 8 of 12, written mid-epoch while the next batch's forward
+        # pass may be running on the update thread)
+        saved[overlap] = [torch.load(run / name, weights_only=True) for name in ("checkpoint.pt", "checkpoint.prev.pt")]
         logged[overlap] = [{k: v for k, v in row.items() if not k.startswith("perf/")}
                            for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
         ran_on[overlap] = set(threads)
@@ -284,12 +286,14 @@ def test_the_overlapped_update_gives_the_run_the_serial_one_gives(algo: str, opt
     for a, b in zip(logged[True], logged[False]):
         assert a == b, {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}
     assert len(logged[True]) == len(logged[False]) and any("policy/loss" in row for row in logged[True])
-    for part in ("agent", "core", "rng"):
-        a, b = saved[True][part], saved[False][part]
-        flat_a, flat_b = torch.utils._pytree.tree_flatten(a), torch.utils._pytree.tree_flatten(b)
-        assert flat_a[1] == flat_b[1], part
-        for x, y in zip(flat_a[0], flat_b[0]):
-            assert torch.equal(x, y) if torch.is_tensor(x) else x == y, part
+    assert [c["core"]["global_step"] for c in saved[True]] == [12, 8]
+    for which in range(2):
+        for part in ("agent", "core", "rng"):
+            a, b = saved[True][which][part], saved[False][which][part]
+            flat_a, flat_b = torch.utils._pytree.tree_flatten(a), torch.utils._pytree.tree_flatten(b)
+            assert flat_a[1] == flat_b[1], part
+            for x, y in zip(flat_a[0], flat_b[0]):
+                assert torch.equal(x, y) if torch.is_tensor(x) else x == y, (which, part)
 
 
 def test_an_overlapped_update_raises_its_error_where_the_serial_one_does(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -376,6 +380,11 @@ def test_a_forward_pass_computed_ahead_serves_only_its_batch_and_policy() -> Non
         assert torch.equal(agent._dist.concentration1, expected[0]), case
         assert torch.equal(agent._dist.concentration0, expected[1]), case
         agent._pending = None  # no observe: the next case starts a fresh step
+    # Without on_reward the update runs in observe, on this thread, so nothing may run ahead beside it.
+    action = agent.act(core.images)
+    result = core.step(grid=action.grid, on_next_batch=action.on_next_batch)
+    assert agent._ahead is None
+    agent.observe(result)
 
 
 def test_observe_refuses_rewards_changed_after_the_overlapped_update_read_them() -> None:
