@@ -86,9 +86,9 @@ OVERLAP_ENV = "NOISEMASK_OVERLAP_UPDATE"
 def on_update_thread(fn: Callable[..., Any], *args: Any) -> Future:
     """Run ``fn(*args)`` on the one thread every agent in this process computes overlapped policy updates on (in the
     order submitted: an agent's update, then its forward pass for the next batch; it waits for both before its next
-    step), with the calling thread's number
-    of torch threads: a new thread starts with OpenMP's default (every core), and oneDNN's kernels then split their
-    work otherwise, so the sums would differ in their last bits from the same update on the calling thread."""
+    step), with the calling thread's number of torch threads: a new thread starts with OpenMP's default (every core),
+    and oneDNN's kernels then split their work otherwise, so the sums would differ in their last bits from the same
+    update on the calling thread."""
     global _UPDATE_THREAD
     if _UPDATE_THREAD is None:
         _UPDATE_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy-update")

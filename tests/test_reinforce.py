@@ -379,7 +379,6 @@ def test_a_forward_pass_computed_ahead_serves_only_its_batch_and_policy() -> Non
         agent.act(images)
         assert torch.equal(agent._dist.concentration1, expected[0]), case
         assert torch.equal(agent._dist.concentration0, expected[1]), case
-        agent._pending = None  # no observe: the next case starts a fresh step
     # Without on_reward the update runs in observe, on this thread, so nothing may run ahead beside it.
     action = agent.act(core.images)
     result = core.step(grid=action.grid, on_next_batch=action.on_next_batch)
