@@ -99,8 +99,10 @@ CATEGORIES = (
 """Parts of the brief, as groups of timed labels (``of which`` rows are inside the row above them)."""
 
 
-def run_config(preset: str, algo: str, steps: int | None, seed: int, run_dir: str) -> PretrainConfig:
-    """The pretraining run of ``algo`` at ``preset``, cut at ``steps`` (None: the preset's own length)."""
+def run_config(preset: str, algo: str, steps: int | None, seed: int, run_dir: str,
+               precision: str | None = None) -> PretrainConfig:
+    """The pretraining run of ``algo`` at ``preset``, cut at ``steps`` (None: the preset's own length), the classifier
+    in ``precision`` (None: the preset's)."""
     if preset in ("demo", "study"):
         study = StudyConfig.quick()
         if preset == "study":
@@ -115,6 +117,8 @@ def run_config(preset: str, algo: str, steps: int | None, seed: int, run_dir: st
         cfg.max_steps = steps
         # enough epochs for the steps asked for (max_steps then ends the run; the StepLR period stays the preset's)
         cfg.epochs = max(cfg.epochs, steps)
+    if precision is not None:
+        cfg.env = dataclasses.replace(cfg.env, precision=precision)
     return cfg
 
 
@@ -270,7 +274,7 @@ def profile_one(args: argparse.Namespace, algo: str) -> dict[str, Any]:
         torch.set_flush_denormal(True)
     run_dir = tempfile.mkdtemp(prefix=f"profile-{algo}-", dir="/tmp")
     try:
-        cfg = run_config(args.preset, algo, args.steps, args.seed, run_dir)
+        cfg = run_config(args.preset, algo, args.steps, args.seed, run_dir, args.precision)
         start = time.perf_counter()
         runner = PretrainRunner(cfg)
         setup = time.perf_counter() - start
@@ -420,6 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overlap", choices=tuple(OVERLAP), default="auto",
                    help="the REINFORCE agents' policy update on a second thread beside the classifier's step (auto: "
                    "where a core is spare, agents.reinforce.spare_core; under taskset -c 1, off)")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=None,
+                   help="the classifier's precision (default: the preset's; demo and study: auto, paper: fp32)")
     p.add_argument("--in-process", action="store_true", help="run every agent in this process")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -452,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
                 cmd = [sys.executable, __file__, "--child", algo, "--preset", args.preset, "--seed", str(args.seed),
                        "--overlap", args.overlap, "--end" if args.end else "--no-end"] \
                     + (["--flush-denormal"] if args.flush_denormal else []) \
+                    + (["--precision", args.precision] if args.precision else []) \
                     + (["--steps", str(args.steps)] if args.steps else []) + (["--keep"] if args.keep else [])
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("PROFILE_JSON ")]
