@@ -234,30 +234,36 @@ def probe_cross_entropy(runner: PretrainRunner, draws: int = 8) -> tuple[float, 
 @pytest.mark.parametrize("learning", ["on", "off"])
 def test_budgeted_policy_learns_to_hide_the_content_from_a_live_classifier(tmp_path: Path, learning: str) -> None:
     """With the classifier training as usual, 80 steps of ``reinforce-budget`` (its defaults, batch 32) teach the
-    policy to put the noise on the content: the expected mask on the anatomy and lesions ends more than 0.15 below the
-    mask on the background (``content_gap`` < -0.15, 0 at the start), the cell means spread apart (``cell_spread`` >
-    0.1) and the Beta moves away from where it started (``kl_initial`` > 0.5). On synthrad the class is the anatomy and
-    the lesion, so hiding them is the direction the adversarial reward implies. With the policy's update switched off
-    (policy lr 1e-12) nothing moves: the policy stays at Beta(1, 1) everywhere (no moving-average base to drift), and
-    the margins fail.
+    policy to put the noise on the content, in at least two of the seeds 0, 1 and 2: the expected mask on the anatomy
+    and lesions ends more than 0.15 below the mask on the background (``content_gap`` < -0.15, 0 at the start), the
+    cell means spread apart (``cell_spread`` > 0.1) and the Beta moves away from where it started (``kl_initial`` >
+    0.5). On synthrad the class is the anatomy and the lesion, so hiding them is the direction the adversarial reward
+    implies. With the policy's update switched off (policy lr 1e-12) nothing moves in any seed: the policy stays at
+    Beta(1, 1) everywhere (no moving-average base to drift), and the margins fail.
 
-    On one thread, seeds 0-7 gave content gaps from -0.24 to -0.61 in seven of them, cell spreads from 0.16 to 0.37
-    and kl_initial from 1.6 to 13, in 13-17 s each; seed 7 had not moved yet (kl_initial 0.009). At 100 steps seed 1
-    had found the other pattern that raises the cross-entropy, a dimmed background (docs/budget-notes.md), so a change
-    of platform that changes the trajectory could land there. Not asserted: that the final classifier finds the
-    policy's masks harder than Beta(1, 1) masks. It trained on the policy's masks and never on uniform ones, and in 6
-    of the 7 seeds that learned it ends up finding its own masks easier (the figures are printed).
+    Why three seeds: the trajectory depends on the CPU's kernels, and one seed in eight has not moved yet at 80 steps.
+    On one thread, seeds 0-7 learned in seven of eight on each of two CPUs: on the earlier sessions' (content gaps from
+    -0.24 to -0.61, cell spreads 0.16 to 0.37, kl_initial 1.6 to 13, 13-17 s each) seed 7 had not moved (kl_initial
+    0.009); on an AMD EPYC with AVX-512 (family 25, model 17) seed 0 had not (kl_initial 0.105), the others gave gaps
+    from -0.29 to -0.57 and kl_initial 3.0 to 8.6, 7-9 s each. At 100 steps seed 1 had found the other pattern that
+    raises the cross-entropy, a dimmed background (docs/budget-notes.md), so longer runs are no safer. Not asserted:
+    that the final classifier finds the policy's masks harder than Beta(1, 1) masks. It trained on the policy's masks
+    and never on uniform ones, and in 6 of the 7 seeds that learned it ends up finding its own masks easier (the
+    figures are printed).
     """
-    runner, seconds = budgeted_run(tmp_path / "run", seed=0, agent={} if learning == "on" else {"policy_lr": 1e-12})
-    d = {k.split("/")[1]: float(v) for k, v in runner.diagnostics().items()}
-    ce_policy, ce_uniform = probe_cross_entropy(runner)
-    print(f"learning {learning}: {seconds:.1f} s; kl_initial {d['kl_initial']:.4f}, "
-          f"cell_spread {d['cell_spread']:.4f}, image_spread {d['image_spread']:.4f}, "
-          f"content_gap {d['content_gap']:+.4f} (image-specific {d['content_gap_image_specific']:+.4f}), "
-          f"mask on background {d['mask_on_background']:.3f} / anatomy {d['mask_on_anatomy']:.3f} / lesion "
-          f"{d['mask_on_lesion']:.3f}; probe CE under the policy's masks {ce_policy:.3f}, "
-          f"under Beta(1, 1) masks {ce_uniform:.3f}")
-    learned = d["content_gap"] < -0.15 and d["cell_spread"] > 0.1 and d["kl_initial"] > 0.5
-    assert learned == (learning == "on"), d
-    if learning == "off":
-        assert d["kl_initial"] < 1e-6 and abs(d["content_gap"]) < 0.01 and d["cell_spread"] < 0.01, d
+    learned = []
+    for seed in (0, 1, 2):
+        runner, seconds = budgeted_run(tmp_path / f"run{seed}", seed=seed,
+                                       agent={} if learning == "on" else {"policy_lr": 1e-12})
+        d = {k.split("/")[1]: float(v) for k, v in runner.diagnostics().items()}
+        ce_policy, ce_uniform = probe_cross_entropy(runner)
+        print(f"learning {learning}, seed {seed}: {seconds:.1f} s; kl_initial {d['kl_initial']:.4f}, "
+              f"cell_spread {d['cell_spread']:.4f}, image_spread {d['image_spread']:.4f}, "
+              f"content_gap {d['content_gap']:+.4f} (image-specific {d['content_gap_image_specific']:+.4f}), "
+              f"mask on background {d['mask_on_background']:.3f} / anatomy {d['mask_on_anatomy']:.3f} / lesion "
+              f"{d['mask_on_lesion']:.3f}; probe CE under the policy's masks {ce_policy:.3f}, "
+              f"under Beta(1, 1) masks {ce_uniform:.3f}")
+        learned.append(d["content_gap"] < -0.15 and d["cell_spread"] > 0.1 and d["kl_initial"] > 0.5)
+        if learning == "off":
+            assert d["kl_initial"] < 1e-6 and abs(d["content_gap"]) < 0.01 and d["cell_spread"] < 0.01, d
+    assert sum(learned) >= 2 if learning == "on" else not any(learned), learned

@@ -261,8 +261,8 @@ def _best_minus_final(run_dir: Path) -> tuple[float, list[float]]:
 def test_the_default_recipe_ends_within_a_small_margin_of_its_best_epoch(tmp_path: Path) -> None:
     """The final model of the default recipe (cosine decay) is within 0.02 validation accuracy of the run's best
     epoch, and it learned (0.45+ on 6 classes, chance 0.17). The control: the same run at the paper's constant rate
-    ends 0.05+ below its best, so the margin is one this measurement can miss."""
+    ends 0.05 or more below its best, so the margin is one this measurement can miss."""
     gap, vals = _best_minus_final(finetune(tiny(tmp_path, **STABLE)))
     assert len(vals) == 5 and gap <= 0.02 and vals[-1] >= 0.45, vals
     gap, vals = _best_minus_final(finetune(tiny(tmp_path, schedule="constant", run_dir=str(tmp_path / "c"), **STABLE)))
-    assert gap > 0.05, vals
+    assert round(gap, 9) >= 0.05, vals  # 15 of the 300 validation images; rounded: 0.44 - 0.39 gives 0.0499...
