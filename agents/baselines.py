@@ -74,12 +74,18 @@ class UniformMask(Agent):
         if alpha <= 0 or beta <= 0:
             raise ValueError(f"Beta({alpha}, {beta}): both concentrations must be positive")
         self.alpha, self.beta = alpha, beta
+        self._dist: torch.distributions.Beta | None = None
 
     def mask_distribution(self, images: torch.Tensor) -> torch.distributions.Beta:
+        """The per-cell Beta of ``images``' grids: built once per batch size and device (it draws the same numbers as
+        one built anew)."""
         g = self.core.cfg.grid
         shape = (images.shape[0], g, g)
-        return cell_beta(torch.full(shape, self.alpha, device=images.device),
-                         torch.full(shape, self.beta, device=images.device))
+        dist = self._dist
+        if dist is None or dist.batch_shape != shape or dist.concentration1.device != images.device:
+            dist = self._dist = cell_beta(torch.full(shape, self.alpha, device=images.device),
+                                          torch.full(shape, self.beta, device=images.device))
+        return dist
 
     def act(self, images: torch.Tensor) -> Action:
         return Action(grid=self.mask_distribution(images).sample())

@@ -92,41 +92,59 @@ class BetaMaskPolicy(nn.Module):
         """The raw head output (B, 2, G, G) for a uint8 batch."""
         return self.head(self.features(images)).float()
 
-    def forward(self, images: torch.Tensor, update_base: bool = False, head: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor, update_base: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Beta concentrations ``(alpha, beta)``, each (B, G, G), clamped to ``[CONC_MIN, CONC_MAX]``.
 
         With ``update_base`` (training), the ``exp`` parameterisation's moving-average base takes one
         step toward the batch-mean head output; under torch.distributed the batch mean is over all ranks,
-        so the base stays identical everywhere. ``head``: ``head_output(images)`` if it was computed already (with
-        the same parameters; the base is not part of it), else None.
+        so the base stays identical everywhere.
         """
-        h = self.head_output(images) if head is None else head
+        return keep_base(self, *self.concentrations(self.head_output(images), update_base))
+
+    def concentrations(self, head: torch.Tensor, update_base: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """What :meth:`forward` gives for the head output ``head`` (:meth:`head_output`), and with ``update_base`` the
+        base after its step, which the caller stores (``forward`` at once; an agent that computed this ahead, when it
+        uses it), else None. The base itself is left as it is."""
+        base = None
         if self.param == "softplus":
-            conc = F.softplus(h) + 1.0
+            conc = F.softplus(head) + 1.0
         else:
             if update_base:
-                self._update_base(h.detach().mean(0))
-            a = (1.0 - self.head_weight) * self.base + self.head_weight * h
+                base = self.stepped_base(head.detach().mean(0))
+            a = (1.0 - self.head_weight) * (self.base if base is None else base) + self.head_weight * head
             conc = torch.exp(a.clamp(math.log(CONC_MIN), math.log(CONC_MAX)))
         conc = conc.clamp(CONC_MIN, CONC_MAX)
-        return conc[:, 0], conc[:, 1]
+        return conc[:, 0], conc[:, 1], base
 
     @torch.no_grad()
-    def _update_base(self, batch_mean: torch.Tensor) -> None:
+    def stepped_base(self, batch_mean: torch.Tensor) -> torch.Tensor:
+        """The moving-average base one step toward ``batch_mean`` (all-reduced to the mean over ranks under
+        torch.distributed), as a new tensor."""
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(batch_mean, op=dist.ReduceOp.SUM)
             batch_mean /= dist.get_world_size()
-        self.base.mul_(self.base_momentum).add_((1.0 - self.base_momentum) * batch_mean)
+        return self.base.mul(self.base_momentum).add((1.0 - self.base_momentum) * batch_mean)
 
 
-def beta_distribution(policy: nn.Module, images: torch.Tensor, update_base: bool = False, step: int = 0,
-                      head: torch.Tensor | None = None) -> Beta:
-    """The per-cell Beta distribution (batch shape (B, G, G)) of ``policy`` (plain or DDP-wrapped), from the images'
-    ``head`` output if it was computed already (:meth:`BetaMaskPolicy.forward`).
+def keep_base(policy: BetaMaskPolicy, alpha: torch.Tensor, beta: torch.Tensor, base: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Store a ``concentrations`` output's stepped base in ``policy`` (if any); the concentrations."""
+    if base is not None:
+        policy.base.copy_(base)
+    return alpha, beta
+
+
+def beta_distribution(policy: nn.Module, images: torch.Tensor, update_base: bool = False, step: int = 0) -> Beta:
+    """The per-cell Beta distribution (batch shape (B, G, G)) of ``policy`` (plain or DDP-wrapped).
 
     Non-finite concentrations raise :class:`classifiers.train.NonFiniteError` naming them and ``step``."""
-    alpha, beta = policy(images, update_base, head=head)
+    return checked_beta(*policy(images, update_base), step)
+
+
+def checked_beta(alpha: torch.Tensor, beta: torch.Tensor, step: int = 0) -> Beta:
+    """:func:`cell_beta` of concentrations checked finite (:class:`classifiers.train.NonFiniteError` naming them and
+    ``step``)."""
     check_finite(alpha, "policy concentration alpha", step)
     check_finite(beta, "policy concentration beta", step)
     return cell_beta(alpha, beta)

@@ -54,7 +54,7 @@ import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -69,6 +69,8 @@ from agents.policy import (
     BetaMaskPolicy,
     beta_distribution,
     cell_beta,
+    checked_beta,
+    keep_base,
     mask_log_prob,
     sample_mask,
 )
@@ -237,17 +239,34 @@ class BudgetAllocation(nn.Module):
         super().__init__()
         self.policy, self.budget, self.concentration = policy, budget, concentration
 
-    def forward(self, images: torch.Tensor, update_base: bool = False, head: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        p = self.policy
-        logits = p.head_output(images) if head is None else head
+    def forward(self, images: torch.Tensor, update_base: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        return keep_base(self.policy, *self.concentrations(self.policy.head_output(images), update_base))
+
+    def concentrations(self, head: torch.Tensor, update_base: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """As :meth:`BetaMaskPolicy.concentrations`: for the policy's head output ``head``, and the stepped base."""
+        p, base, logits = self.policy, None, head
         if p.param == "exp":
             if update_base:
-                p._update_base(logits.detach().mean(0))
-            logits = (1.0 - p.head_weight) * p.base + p.head_weight * logits
+                base = p.stepped_base(head.detach().mean(0))
+            logits = (1.0 - p.head_weight) * (p.base if base is None else base) + p.head_weight * head
         mu = hold_mean(torch.sigmoid(bounded_contrast(logits[:, 0] - logits[:, 1])), self.budget)
         k = self.concentration
-        return (k * mu).clamp(CONC_MIN, CONC_MAX), (k * (1.0 - mu)).clamp(CONC_MIN, CONC_MAX)
+        return (k * mu).clamp(CONC_MIN, CONC_MAX), (k * (1.0 - mu)).clamp(CONC_MIN, CONC_MAX), base
+
+
+class Ahead(NamedTuple):
+    """The policy's forward pass for the next batch, computed on the update thread (:meth:`Reinforce._start_forward`):
+    what ``act`` would compute before sampling, except storing the base and raising on non-finite concentrations."""
+
+    alpha: torch.Tensor
+    beta: torch.Tensor
+    base: torch.Tensor | None
+    """The moving-average base after its step (``exp``), for ``act`` to store; None for ``softplus``."""
+    finite: bool
+    """Whether both concentrations are finite."""
+    dist: Beta
+    """The per-cell Beta of the concentrations."""
 
 
 class Reinforce(Agent):
@@ -287,7 +306,8 @@ class Reinforce(Agent):
         self.baseline_ready = False
         self._pending: Future | None = None
         self._ahead: tuple[torch.Tensor, Future] | None = None
-        """The next batch and its policy head output being computed on the update thread (:meth:`_start_forward`)."""
+        """The next batch and the policy's concentrations for it being computed on the update thread
+        (:meth:`_start_forward`)."""
 
     @torch.no_grad()
     def mask_distribution(self, images: torch.Tensor) -> Beta:
@@ -297,9 +317,16 @@ class Reinforce(Agent):
 
     def act(self, images: torch.Tensor) -> Action:
         self._finish_update()
-        head = self._take_ahead(images)
-        self.policy.train()
-        dist = beta_distribution(self.net, images, update_base=True, step=self.core.global_step, head=head)
+        ahead = self._take_ahead(images)
+        if not self.policy.training:
+            self.policy.train()
+        if ahead is None:
+            dist = beta_distribution(self.net, images, update_base=True, step=self.core.global_step)
+        else:
+            keep_base(self.policy, ahead.alpha, ahead.beta, ahead.base)
+            if not ahead.finite:
+                checked_beta(ahead.alpha, ahead.beta, self.core.global_step)  # raises, naming them and the step
+            dist = ahead.dist
         grid = sample_mask(dist)
         self._dist, self._grid = dist, grid
         self._loss_scale = None
@@ -325,17 +352,22 @@ class Reinforce(Agent):
         self._pending = on_update_thread(self._update, reward, ce, self.core.global_step + 1)
 
     def _start_forward(self, images: torch.Tensor) -> None:
-        """The environment's ``on_next_batch``: the policy's forward pass for the next batch (its head output, the
-        trunk's convolutions; with gradient, for the next update), on the update thread after this step's update, so
-        with the parameters the next ``act`` would use. The rest of the next action (the moving-average base, which is
-        state a checkpoint written before then must not yet hold, and the sampling, which draws from the generator the
-        main thread also draws from) stays in ``act``."""
+        """The environment's ``on_next_batch``: the policy's forward pass for the next batch (the trunk's convolutions,
+        the head and the concentrations, with gradient, for the next update), on the update thread after this step's
+        update, so with the parameters the next ``act`` would use. The moving-average base's step is computed but not
+        stored (it is state a checkpoint written before then must not yet hold): ``act`` stores it, checks the
+        concentrations and samples (it draws from the generator the main thread also draws from)."""
         if self._pending is not None:  # else the update runs in observe, on this thread, and would race with it
-            self._ahead = (images, on_update_thread(self.policy.head_output, images))
+            self._ahead = (images, on_update_thread(self._concentrations, images))
 
-    def _take_ahead(self, images: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Wait for a forward pass :meth:`_start_forward` started (it reads the parameters) and forget it; its head
-        output if it was for ``images`` (the same tensor), else None."""
+    def _concentrations(self, images: torch.Tensor) -> Ahead:
+        alpha, beta, base = self.sampler.concentrations(self.policy.head_output(images), update_base=True)
+        finite = bool(torch.isfinite(alpha).all()) and bool(torch.isfinite(beta).all())
+        return Ahead(alpha, beta, base, finite, cell_beta(alpha, beta))
+
+    def _take_ahead(self, images: torch.Tensor | None = None) -> Ahead | None:
+        """Wait for a forward pass :meth:`_start_forward` started (it reads the parameters and the base) and forget it;
+        what it gave if it was for ``images`` (the same tensor), else None."""
         ahead, self._ahead = self._ahead, None
         if ahead is None or ahead[0] is not images:
             if ahead is not None:

@@ -71,7 +71,7 @@ LOOP = "learn loop (untimed rest)"
 UPDATE_THREAD = "update thread"
 """Label prefix of the parts timed on the policy-update thread (beside the main loop, so outside its total)."""
 CATEGORIES = (
-    ("update thread: the policy update and the next batch's policy trunk, beside the classifier step (not in the "
+    ("update thread: the policy update and the next batch's policy forward, beside the classifier step (not in the "
      "total)",
      lambda x: x.startswith(UPDATE_THREAD)),
     ("data (next batch: sampler, fork_rng, collate, augmentation)",
@@ -231,6 +231,7 @@ def instrument(t: Timers, runner: PretrainRunner) -> None:
     if hasattr(agent, "sampler"):  # our REINFORCE
         t.patch(agent.sampler, "forward", "policy forward")
         t.patch(agent.policy, "head_output", "policy trunk + head")  # on the update thread when computed ahead
+        t.patch(agent.sampler, "concentrations", "policy concentrations")  # likewise
         t.patch(agent.optimizer, "step", "optimiser step")
         t.patch(type(agent.scheduler), "step", "lr schedule step")  # on the class: an instance attribute would
         # land in the scheduler's state_dict (its __dict__) and break the checkpoint

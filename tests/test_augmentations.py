@@ -1,15 +1,18 @@
-"""The torchvision augmentations as non-learned agents: per image, on the right side of normalisation, reproducible."""
+"""The non-learned agents: the torchvision augmentations (per image, on the right side of normalisation,
+reproducible) and the uniform mask."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pretrain
 import pytest
 import torch
 
-from agents.baselines import RandomErasing, TrivialAugment
+from agents.baselines import RandomErasing, TrivialAugment, UniformMask
+from agents.policy import cell_beta
 from agents.registry import make_agent
 
 
@@ -59,3 +62,17 @@ def test_pretraining_with_an_augmentation_reports_it_as_the_perturbation(algo: s
     figures = json.loads((run / "heated_metrics.json").read_text())
     assert figures["heated/test/loss"] != figures["heated/test_perturbed/loss"]
     assert not any(k.startswith("diagnostics/") for k in figures)  # no mask policy to diagnose
+
+
+def test_the_uniform_mask_draws_what_a_fresh_beta_per_batch_draws() -> None:
+    """Its Beta is built once per batch size and reused: the grids are those of a Beta(1, 1) built anew for every
+    batch from the same generator, a smaller last batch included."""
+    agent = UniformMask()
+    agent.core = SimpleNamespace(cfg=SimpleNamespace(grid=4))
+    sizes = [16, 16, 5, 16]
+    torch.manual_seed(0)
+    grids = [agent.act(batch(n)).grid for n in sizes]
+    torch.manual_seed(0)
+    expected = [cell_beta(torch.ones(n, 4, 4), torch.ones(n, 4, 4)).sample() for n in sizes]
+    assert [g.shape for g in grids] == [(n, 4, 4) for n in sizes]
+    assert all(torch.equal(g, e) for g, e in zip(grids, expected))

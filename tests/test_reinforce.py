@@ -4,6 +4,7 @@ and a task where the best mask is known."""
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from collections import Counter
@@ -317,6 +318,39 @@ def test_an_overlapped_update_raises_its_error_where_the_serial_one_does(monkeyp
         assert all(torch.equal(a, p) for a, p in zip(before, agent.policy.parameters()))
         assert agent._pending is None
     assert messages[0] == messages[1] and "at step 1 " in messages[0]
+
+
+def test_non_finite_concentrations_computed_ahead_are_raised_by_act_as_the_serial_ones_are(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The policy's head output for the next batch turns NaN: the overlapped agent, which computed it on the update
+    thread, raises the same error from the same act as the serial one, naming the same step, with the same
+    moving-average base stored (NaN in the cell the NaN came from)."""
+    head_output = BetaMaskPolicy.head_output
+
+    def one_cell_nan(self, images):
+        out = head_output(self, images).clone()
+        out[0, 0, 1, 2] = math.nan
+        return out
+
+    outcome = []
+    for overlap in (True, False):
+        monkeypatch.setattr(BetaMaskPolicy, "head_output", head_output)
+        torch.manual_seed(0)
+        core, _ = sign_core(0)
+        agent = Reinforce(policy_lr=0.1)
+        agent.overlap = overlap
+        agent.bind(core, 10)
+        action = agent.act(core.images)
+        monkeypatch.setattr(BetaMaskPolicy, "head_output", one_cell_nan)
+        result = core.step(grid=action.grid, on_reward=action.on_reward, on_next_batch=action.on_next_batch)
+        assert (agent._ahead is not None) == overlap
+        agent.observe(result)
+        with pytest.raises(NonFiniteError, match="policy concentration alpha is not finite") as err:
+            agent.act(core.images)
+        outcome.append((str(err.value), agent.policy.base.clone()))
+    assert outcome[0][0] == outcome[1][0] and "at step 1 " in outcome[0][0]
+    (_, base), (_, serial_base) = outcome
+    assert base.isnan().sum() == 1 and torch.equal(base.nan_to_num(7.0), serial_base.nan_to_num(7.0))
 
 
 @pytest.mark.parametrize("reader", ("act", "state_dict"))
