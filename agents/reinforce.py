@@ -43,7 +43,8 @@ one: the environment hands the rewards over as soon as the classifier's forward 
 (``Action.on_reward``), and the next ``act`` waits for the update. Each thread does the same operations
 in the same order as before, so a run is the same, bit for bit, with or without it (tests/test_reinforce.py). The
 environment also hands over the next batch (``Action.on_next_batch``), and the same thread then computes the policy's
-forward pass for it (trunk and head), after the update; ``act`` keeps the moving-average base's step and the sampling.
+forward pass for it (trunk, head, concentrations, the moving-average base's next value and the Beta), after the
+update; ``act`` stores the base, raises on non-finite concentrations, and samples.
 ``NOISEMASK_OVERLAP_UPDATE=0`` in the environment (or ``Reinforce.overlap = False``) keeps everything on one thread.
 """
 

@@ -76,3 +76,4 @@ def test_the_uniform_mask_draws_what_a_fresh_beta_per_batch_draws() -> None:
     expected = [cell_beta(torch.ones(n, 4, 4), torch.ones(n, 4, 4)).sample() for n in sizes]
     assert [g.shape for g in grids] == [(n, 4, 4) for n in sizes]
     assert all(torch.equal(g, e) for g, e in zip(grids, expected))
+    assert agent.mask_distribution(batch(16)) is agent.mask_distribution(batch(16))  # built once, not per batch

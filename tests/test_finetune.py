@@ -249,7 +249,8 @@ def test_the_rate_defaults_by_start_and_runs_record_it(tmp_path: Path) -> None:
 
 STABLE = dict(dataset="synthrad:unseen?n_train=600&n_val=300&n_test=12", image_size=24, channels=1, epochs=5,
               batch_size=32, seed=1, log_every=1000, ckpt_every=10_000)
-"""A short scratch run at the default rate (0.1); at a constant rate, its last epoch lands 0.077 below its best."""
+"""A short scratch run at the default rate (0.1); at a constant rate, its last epoch lands 0.077 below its best on the
+CPU of earlier sessions, 0.050 on an AMD EPYC with AVX-512 (family 25, model 17)."""
 
 
 def _best_minus_final(run_dir: Path) -> tuple[float, list[float]]:
@@ -261,8 +262,8 @@ def _best_minus_final(run_dir: Path) -> tuple[float, list[float]]:
 def test_the_default_recipe_ends_within_a_small_margin_of_its_best_epoch(tmp_path: Path) -> None:
     """The final model of the default recipe (cosine decay) is within 0.02 validation accuracy of the run's best
     epoch, and it learned (0.45+ on 6 classes, chance 0.17). The control: the same run at the paper's constant rate
-    ends 0.05 or more below its best, so the margin is one this measurement can miss."""
+    ends at least 0.04 below its best (twice the margin), so the margin is one this measurement can miss."""
     gap, vals = _best_minus_final(finetune(tiny(tmp_path, **STABLE)))
     assert len(vals) == 5 and gap <= 0.02 and vals[-1] >= 0.45, vals
     gap, vals = _best_minus_final(finetune(tiny(tmp_path, schedule="constant", run_dir=str(tmp_path / "c"), **STABLE)))
-    assert round(gap, 9) >= 0.05, vals  # 15 of the 300 validation images; rounded: 0.44 - 0.39 gives 0.0499...
+    assert gap >= 0.04, vals  # twice the margin; 0.077 and 0.050 (15 of the 300 validation images) on two CPUs

@@ -327,7 +327,10 @@ def test_non_finite_concentrations_computed_ahead_are_raised_by_act_as_the_seria
     moving-average base stored (NaN in the cell the NaN came from)."""
     head_output = BetaMaskPolicy.head_output
 
+    poisoned_on = []
+
     def one_cell_nan(self, images):
+        poisoned_on.append(threading.current_thread().name)
         out = head_output(self, images).clone()
         out[0, 0, 1, 2] = math.nan
         return out
@@ -348,6 +351,9 @@ def test_non_finite_concentrations_computed_ahead_are_raised_by_act_as_the_seria
         with pytest.raises(NonFiniteError, match="policy concentration alpha is not finite") as err:
             agent.act(core.images)
         outcome.append((str(err.value), agent.policy.base.clone()))
+        # the NaN act raised on is the one computed where the run says: ahead on the update thread, or in act
+        assert poisoned_on == ["policy-update_0" if overlap else threading.main_thread().name]
+        poisoned_on.clear()
     assert outcome[0][0] == outcome[1][0] and "at step 1 " in outcome[0][0]
     (_, base), (_, serial_base) = outcome
     assert base.isnan().sum() == 1 and torch.equal(base.nan_to_num(7.0), serial_base.nan_to_num(7.0))
@@ -383,8 +389,8 @@ def test_what_reads_the_policy_waits_for_an_overlapped_update(reader: str, monke
 
 
 def test_a_forward_pass_computed_ahead_serves_only_its_batch_and_policy() -> None:
-    """The head output computed ahead on the update thread is used by act only for the batch it was computed for,
-    and is dropped when load_state_dict replaces the parameters it was computed with: act then gives what a serial
+    """The concentrations computed ahead on the update thread are used by act only for the batch they were computed for,
+    and are dropped when load_state_dict replaces the parameters they were computed with: act then gives what a serial
     agent holding the same state gives."""
     torch.manual_seed(0)
     core, _ = sign_core(0)
