@@ -110,12 +110,16 @@ class BetaMaskPolicy(nn.Module):
         if self.param == "softplus":
             conc = F.softplus(head) + 1.0
         else:
-            if update_base:
-                base = self.stepped_base(head.detach().mean(0))
-            a = (1.0 - self.head_weight) * (self.base if base is None else base) + self.head_weight * head
+            a, base = self.mixed(head, update_base)
             conc = torch.exp(a.clamp(math.log(CONC_MIN), math.log(CONC_MAX)))
         conc = conc.clamp(CONC_MIN, CONC_MAX)
         return conc[:, 0], conc[:, 1], base
+
+    def mixed(self, head: torch.Tensor, update_base: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The ``exp`` parameterisation's ``a = (1 - head_weight) * base + head_weight * head``; with ``update_base``
+        from the base after its step, which is returned too (not stored), else None."""
+        base = self.stepped_base(head.detach().mean(0)) if update_base else None
+        return (1.0 - self.head_weight) * (self.base if base is None else base) + self.head_weight * head, base
 
     @torch.no_grad()
     def stepped_base(self, batch_mean: torch.Tensor) -> torch.Tensor:

@@ -246,11 +246,7 @@ class BudgetAllocation(nn.Module):
     def concentrations(self, head: torch.Tensor, update_base: bool = False
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """As :meth:`BetaMaskPolicy.concentrations`: for the policy's head output ``head``, and the stepped base."""
-        p, base, logits = self.policy, None, head
-        if p.param == "exp":
-            if update_base:
-                base = p.stepped_base(head.detach().mean(0))
-            logits = (1.0 - p.head_weight) * (p.base if base is None else base) + p.head_weight * head
+        logits, base = self.policy.mixed(head, update_base) if self.policy.param == "exp" else (head, None)
         mu = hold_mean(torch.sigmoid(bounded_contrast(logits[:, 0] - logits[:, 1])), self.budget)
         k = self.concentration
         return (k * mu).clamp(CONC_MIN, CONC_MAX), (k * (1.0 - mu)).clamp(CONC_MIN, CONC_MAX), base

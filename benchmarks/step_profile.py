@@ -61,6 +61,7 @@ import envs.core  # noqa: E402
 from agents.runner import PretrainConfig, PretrainRunner  # noqa: E402
 from agents.study import StudyConfig  # noqa: E402
 from classifiers.data import available_cores  # noqa: E402
+from classifiers.train import PRECISIONS  # noqa: E402
 from envs.core import EnvConfig  # noqa: E402
 
 AGENTS = ("none", "uniform-mask", "gaussian-noise", "random-erasing", "reinforce", "reinforce-official",
@@ -425,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overlap", choices=tuple(OVERLAP), default="auto",
                    help="the REINFORCE agents' policy update on a second thread beside the classifier's step (auto: "
                    "where a core is spare, agents.reinforce.spare_core; under taskset -c 1, off)")
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=None,
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="the classifier's precision (default: the preset's; demo and study: auto, paper: fp32)")
     p.add_argument("--in-process", action="store_true", help="run every agent in this process")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
