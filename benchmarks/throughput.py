@@ -27,12 +27,18 @@ for the update.
 ``--runs N`` instead runs N steps of a real pretraining run per agent and round (``agents.runner.pretrain``: logging
 every 10 steps with the policy diagnostics, image grids every 100, evaluation at every epoch end, checkpoints) into a
 temporary folder, and reports the median of the ``perf/images_per_second`` each run logged, and its ratio to the
-same round's ``none``.
+same round's ``none``. Runs minutes apart differ by more than the agents do on a drifting machine; ``--runs N
+--interleave`` keeps one real run per agent (``agents.runner.PretrainRunner``, with all its bookkeeping) and drives
+them in turn, ``--warmup`` steps each and then per round a block of N steps of every run (the order rotated), with
+each run's logging-window clock paused while the others step; a round's figure for a run is the images per second
+of the windows it logged in its block (their images over their clocks' seconds), the same windows
+``perf/images_per_second`` reports. The runs share the global random generator, so their masks differ from solo runs'.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -50,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from agents.base import Agent  # noqa: E402
 from agents.registry import AGENTS, environment_for, make_agent  # noqa: E402
 from agents.reinforce import Reinforce  # noqa: E402
-from agents.runner import PretrainConfig, pretrain  # noqa: E402
+from agents.runner import PretrainConfig, PretrainRunner, pretrain  # noqa: E402
 from agents.study import StudyConfig  # noqa: E402
 from classifiers.data import DataSpec, available_cores, load_dataset  # noqa: E402
 from classifiers.train import PRECISIONS, resolve_device, resolve_precision  # noqa: E402
@@ -87,10 +93,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=16, help="timed steps per agent and round (a multiple of 8 for ppo and "
                    "a2c, whose rollouts are 8 steps)")
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=8, help="untimed steps per agent and round first")
+    p.add_argument("--warmup", type=int, help="untimed steps per agent and round first (default 8; with --runs and "
+                   "--interleave, per run, default 10)")
     p.add_argument("--interleave", action="store_true",
                    help="keep one core and agent per agent and run the rounds as blocks of 1 + STEPS steps of each in "
-                   "turn (for a machine that drifts; not for ppo and a2c)")
+                   "turn (for a machine that drifts; not for ppo and a2c); with --runs, one real run per agent, "
+                   "driven in blocks of --runs steps (a multiple of 10, the runs' logging interval)")
     p.add_argument("--runs", type=int, default=None, metavar="STEPS",
                    help="instead: a real pretraining run of STEPS steps per agent; report its logged images/s")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -101,6 +109,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(auto: where a core is spare, agents.reinforce.spare_core; both: a row on and a row off, not with "
                    "--runs)")
     args = p.parse_args(argv)
+    if args.warmup is None:
+        args.warmup = 10 if args.runs and args.interleave else 8
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -267,6 +277,71 @@ def logged_images_per_second(args: argparse.Namespace, algo: str, steps: int, fo
     return [r["perf/images_per_second"] for r in rows if "perf/images_per_second" in r]
 
 
+class RunBlocks:
+    """One agent's real pretraining run (``agents.runner.PretrainRunner``: logging, diagnostics, image grids,
+    evaluation, checkpoints), driven a block of steps at a time: the agent's ``learn`` loop sees this in place of the
+    runner and stops at the block's end; between blocks the run's logging-window clock is paused, so the windows it
+    logs time its own steps only."""
+
+    def __init__(self, runner: PretrainRunner) -> None:
+        self.runner, self.stop = runner, 0
+        self.logged_step = runner.core.global_step
+        """The step of the last window logged: the next one's steps follow it."""
+        self._paused = contextlib.ExitStack()
+        self._paused.enter_context(runner.window.paused())
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.runner, name)
+
+    def done(self) -> bool:
+        return self.runner.core.global_step >= self.stop or self.runner.done()
+
+    def advance(self, steps: int) -> tuple[int, float]:
+        """Run ``steps`` more steps; return the images and the clock seconds of the logging windows that closed in
+        them (``perf/images_per_second`` of each is its images over its seconds; a window that began in the previous
+        block, where blocks and windows do not align, counts whole, in this one)."""
+        runner = self.runner
+        self.stop = runner.core.global_step + steps
+        logged = runner.logger.offset()
+        self._paused.close()
+        try:
+            runner.agent.learn(self)
+        finally:
+            self._paused.enter_context(runner.window.paused())
+        rows = [json.loads(line) for line in runner.logger.metrics_path.read_bytes()[logged:].splitlines()]
+        images = seconds = 0.0
+        for row in rows:
+            if "perf/images_per_second" in row:
+                n = (row["step"] - self.logged_step) * runner.cfg.env.batch_size * runner.core.world_size
+                images, seconds = images + n, seconds + n / row["perf/images_per_second"]
+                self.logged_step = row["step"]
+        return int(images), seconds
+
+
+def interleaved_runs(args: argparse.Namespace, names: list[str], folder: Path) -> dict[str, list[float]]:
+    """``--runs N --interleave``: a real run per agent, ``warmup`` steps each, then per round a block of N steps of
+    every run in turn (the order rotated); per run and round, the images per second of the windows it logged."""
+    blocks = {}
+    for n in names:
+        total = args.warmup + args.rounds * args.runs
+        runner = PretrainRunner(PretrainConfig(algo=n, env=env_config(args, n), epochs=total, max_steps=total,
+                                               run_dir=str(folder / n)))
+        if type(runner.agent).learn is not Agent.learn:
+            raise SystemExit(f"error: --runs with --interleave drives the runs' act/step/observe loop in blocks; {n} "
+                             "has its own training loop: leave it out, or measure it without --interleave")
+        blocks[n] = RunBlocks(runner)
+        if args.warmup:
+            blocks[n].advance(args.warmup)
+    per_second: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(args.rounds):
+        for n in names[r % len(names):] + names[: r % len(names)]:
+            images, seconds = blocks[n].advance(args.runs)
+            per_second[n].append(images / seconds)
+    for block in blocks.values():
+        block.runner.logger.close()
+    return per_second
+
+
 def describe_machine(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
@@ -298,20 +373,32 @@ def main(argv: list[str] | None = None) -> int:
                f"core(s) available; classifier in {resolve_precision(args.precision, device)}; policy update "
                f"overlapped: {args.overlap}")
     if args.runs:
-        if args.overlap == "both" or args.interleave:
-            print("error: --overlap both and --interleave time bare steps; --runs takes neither (give --overlap auto, "
-                  "on or off)", file=sys.stderr)
+        if args.overlap == "both":
+            print("error: --overlap both times bare steps; --runs does not take it (give --overlap auto, on or off)",
+                  file=sys.stderr)
+            return 2
+        if args.interleave and (args.runs % PretrainConfig.log_every or args.warmup % PretrainConfig.log_every):
+            print(f"error: --runs {args.runs} --warmup {args.warmup} with --interleave: give multiples of "
+                  f"{PretrainConfig.log_every}, the runs' logging interval, so that each block's windows are its own",
+                  file=sys.stderr)
             return 2
         Reinforce.overlap = OVERLAP[args.overlap]  # the runs build their agents themselves
-        logged: dict[str, list[float]] = {n: [] for n in names}  # per run: the median of its windows
         with tempfile.TemporaryDirectory() as tmp:
-            for r in range(args.rounds):
-                for n in names[r % len(names):] + names[: r % len(names)]:
-                    logged[n].append(statistics.median(logged_images_per_second(args, n, args.runs,
-                                                                                Path(tmp) / f"{r}")))
-        print(f"\npreset {args.preset}: {setting}; {args.rounds} rounds of real runs of {args.runs} steps per agent, "
-              "logged perf/images_per_second (each run: the median of its windows)\n")
-        print("| agent | images/s, median of runs (min-max) | vs none, median of rounds (min-max) |\n|-|-|-|")
+            if args.interleave:
+                logged = interleaved_runs(args, names, Path(tmp))
+                layout = (f"one real run per agent, {args.warmup} warm-up steps each, then {args.rounds} interleaved "
+                          f"blocks of {args.runs} steps of each; logged perf/images_per_second (each block: the images "
+                          "over the clock seconds of the windows it logged)")
+            else:
+                logged = {n: [] for n in names}  # per run: the median of its windows
+                for r in range(args.rounds):
+                    for n in names[r % len(names):] + names[: r % len(names)]:
+                        logged[n].append(statistics.median(logged_images_per_second(args, n, args.runs,
+                                                                                    Path(tmp) / f"{r}")))
+                layout = (f"{args.rounds} rounds of real runs of {args.runs} steps per agent, logged "
+                          "perf/images_per_second (each run: the median of its windows)")
+        print(f"\npreset {args.preset}: {setting}; {layout}\n")
+        print("| agent | images/s, median (min-max) | vs none, median of rounds (min-max) |\n|-|-|-|")
         for n in names:
             ratio = "-"
             if "none" in logged:
