@@ -273,8 +273,14 @@ def logged_images_per_second(args: argparse.Namespace, algo: str, steps: int, fo
     run_dir = folder / algo
     pretrain(PretrainConfig(algo=algo, env=env_config(args, algo), epochs=steps, max_steps=steps,
                             run_dir=str(run_dir)))
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["perf/images_per_second"] for r in rows if "perf/images_per_second" in r]
+    return [per_second for _, per_second in logged_windows(run_dir / "metrics.jsonl")]
+
+
+def logged_windows(metrics: Path, offset: int = 0) -> list[tuple[int, float]]:
+    """``(step, perf/images_per_second)`` of each logging window a run's ``metrics.jsonl`` holds from byte
+    ``offset`` on."""
+    rows = [json.loads(line) for line in metrics.read_bytes()[offset:].splitlines()]
+    return [(r["step"], r["perf/images_per_second"]) for r in rows if "perf/images_per_second" in r]
 
 
 class RunBlocks:
@@ -308,13 +314,11 @@ class RunBlocks:
             runner.agent.learn(self)
         finally:
             self._paused.enter_context(runner.window.paused())
-        rows = [json.loads(line) for line in runner.logger.metrics_path.read_bytes()[logged:].splitlines()]
         images = seconds = 0.0
-        for row in rows:
-            if "perf/images_per_second" in row:
-                n = (row["step"] - self.logged_step) * runner.cfg.env.batch_size * runner.core.world_size
-                images, seconds = images + n, seconds + n / row["perf/images_per_second"]
-                self.logged_step = row["step"]
+        for step, per_second in logged_windows(runner.logger.metrics_path, logged):
+            n = (step - self.logged_step) * runner.cfg.env.batch_size * runner.core.world_size
+            images, seconds = images + n, seconds + n / per_second
+            self.logged_step = step
         return int(images), seconds
 
 
