@@ -9,8 +9,9 @@
 
 Every agent runs through its own ``learn`` loop, as in a real run: ``act`` -> environment step -> ``observe`` for
 ours and the baselines, stable-baselines3's rollout collection and update for ``ppo`` and ``a2c``, with the
-registry's environment settings (``reinforce-budget``: the budgeted reward). Only the runner's bookkeeping
-(logging, evaluation, checkpoints) is left out: ``--runs`` measures that in real runs (below). In each of
+registry's environment settings (``reinforce-budget``: the budgeted reward). Only the runner (logging, evaluation,
+checkpoints, kept off the clock of the images per second real runs log, but leaving colder caches) is left out:
+``--runs`` measures real runs (below). In each of
 ``--rounds`` rounds, every agent drives a fresh environment core (the same seed, classifier and data) for
 ``--warmup`` untimed and ``--steps`` timed steps, the agents' order rotated every round, so slow drift of the
 machine falls on every agent alike. Figures are medians over rounds, and each ratio is the median of its
@@ -32,7 +33,9 @@ same round's ``none``. Runs minutes apart differ by more than the agents do on a
 them in turn, ``--warmup`` steps each and then per round a block of N steps of every run (the order rotated), with
 each run's logging-window clock paused while the others step; a round's figure for a run is the images per second
 of the windows it logged in its block (their images over their clocks' seconds), the same windows
-``perf/images_per_second`` reports. The runs share the global random generator, so their masks differ from solo runs'.
+``perf/images_per_second`` reports. Every step of a block is timed, the first after the switch from another run (cold
+caches) included, so the heavier agents' figures are if anything low. The runs share the global random generator, so
+their masks differ from solo runs', and the ``perf/overhead`` they log counts the other runs' blocks.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agents.base import Agent  # noqa: E402
 from agents.registry import AGENTS, environment_for, make_agent  # noqa: E402
-from agents.reinforce import Reinforce  # noqa: E402
+from agents.reinforce import Reinforce, on_update_thread  # noqa: E402
 from agents.runner import PretrainConfig, PretrainRunner, pretrain  # noqa: E402
 from agents.study import StudyConfig  # noqa: E402
 from classifiers.data import DataSpec, available_cores, load_dataset  # noqa: E402
@@ -93,14 +96,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=16, help="timed steps per agent and round (a multiple of 8 for ppo and "
                    "a2c, whose rollouts are 8 steps)")
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--warmup", type=int, help="untimed steps per agent and round first (default 8; with --runs and "
-                   "--interleave, per run, default 10)")
+    p.add_argument("--warmup", type=int, help="untimed steps per agent and round first (default 8; not with --runs "
+                   "alone; with --runs and --interleave, per run, a multiple of 10, default 10)")
     p.add_argument("--interleave", action="store_true",
                    help="keep one core and agent per agent and run the rounds as blocks of 1 + STEPS steps of each in "
                    "turn (for a machine that drifts; not for ppo and a2c); with --runs, one real run per agent, "
                    "driven in blocks of --runs steps (a multiple of 10, the runs' logging interval)")
     p.add_argument("--runs", type=int, default=None, metavar="STEPS",
-                   help="instead: a real pretraining run of STEPS steps per agent; report its logged images/s")
+                   help="instead: a real pretraining run of STEPS steps per agent and round (with --interleave: one "
+                   "run per agent, stepped STEPS at a time); report its logged images/s")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="the classifier's arithmetic")
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
@@ -314,6 +318,12 @@ class RunBlocks:
             runner.agent.learn(self)
         finally:
             self._paused.enter_context(runner.window.paused())
+            # work the last step left running (the next action's forward pass on the update thread, queued CUDA
+            # kernels) ends here, off every run's clock, rather than in the next run's block
+            if isinstance(runner.agent, Reinforce):
+                on_update_thread(lambda: None).result()
+            if runner.core.dev.cuda:
+                torch.cuda.synchronize()
         images = seconds = 0.0
         for step, per_second in logged_windows(runner.logger.metrics_path, logged):
             n = (step - self.logged_step) * runner.cfg.env.batch_size * runner.core.world_size
@@ -366,9 +376,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     names = [n.strip() for n in args.agents.split(",") if n.strip()]
     unknown = [n for n in names if n not in AGENTS]
-    if unknown or not names or min(args.steps, args.rounds) < 1 or args.warmup < 0:
-        print(f"error: agents must be some of {', '.join(sorted(AGENTS))} (got {unknown or names}); steps and rounds "
-              "at least 1, warmup 0 or more", file=sys.stderr)
+    if unknown or not names or min(args.steps, args.rounds, args.runs or 1) < 1 or args.warmup < 0:
+        print(f"error: agents must be some of {', '.join(sorted(AGENTS))} (got {unknown or names}); steps, rounds "
+              "and runs at least 1, warmup 0 or more", file=sys.stderr)
         return 2
     data = load_dataset(args.dataset, image_size=args.image_size)
     device = resolve_device(args.device)
