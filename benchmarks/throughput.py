@@ -34,7 +34,8 @@ them in turn, ``--warmup`` steps each and then per round a block of N steps of e
 each run's logging-window clock paused while the others step; a round's figure for a run is the images per second
 of the windows it logged in its block (their images over their clocks' seconds), the same windows
 ``perf/images_per_second`` reports. Every step of a block is timed, the first after the switch from another run (cold
-caches) included, so the heavier agents' figures are if anything low. The runs share the global random generator, so
+caches) included, so the heavier agents' figures are if anything low, unless ``--cold-steps K`` leaves the windows of
+each block's first K steps out (a real run has no such switch). The runs share the global random generator, so
 their masks differ from solo runs', and the ``perf/overhead`` they log counts the other runs' blocks.
 """
 
@@ -105,6 +106,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=None, metavar="STEPS",
                    help="instead: a real pretraining run of STEPS steps per agent and round (with --interleave: one "
                    "run per agent, stepped STEPS at a time); report its logged images/s")
+    p.add_argument("--cold-steps", type=int, default=0, metavar="K",
+                   help="with --runs N --interleave: leave the windows that close in each block's first K steps (after "
+                   "the switch from another run, cold caches) out of its figure; a multiple of 10, below N")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="the classifier's arithmetic")
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
@@ -306,11 +310,12 @@ class RunBlocks:
     def done(self) -> bool:
         return self.runner.core.global_step >= self.stop or self.runner.done()
 
-    def advance(self, steps: int) -> tuple[int, float]:
+    def advance(self, steps: int, untimed: int = 0) -> tuple[int, float]:
         """Run ``steps`` more steps; return the images and the clock seconds of the logging windows that closed in
-        them (``perf/images_per_second`` of each is its images over its seconds; a window that began in the previous
-        block, where blocks and windows do not align, counts whole, in this one)."""
+        them after the first ``untimed`` (``perf/images_per_second`` of each is its images over its seconds; a window
+        that began in the previous block, where blocks and windows do not align, counts whole, in this one)."""
         runner = self.runner
+        first_timed = runner.core.global_step + untimed
         self.stop = runner.core.global_step + steps
         logged = runner.logger.offset()
         self._paused.close()
@@ -327,7 +332,8 @@ class RunBlocks:
         images = seconds = 0.0
         for step, per_second in logged_windows(runner.logger.metrics_path, logged):
             n = (step - self.logged_step) * runner.cfg.env.batch_size * runner.core.world_size
-            images, seconds = images + n, seconds + n / per_second
+            if step > first_timed:
+                images, seconds = images + n, seconds + n / per_second
             self.logged_step = step
         return int(images), seconds
 
@@ -349,7 +355,7 @@ def interleaved_runs(args: argparse.Namespace, names: list[str], folder: Path) -
     per_second: dict[str, list[float]] = {n: [] for n in names}
     for r in range(args.rounds):
         for n in names[r % len(names):] + names[: r % len(names)]:
-            images, seconds = blocks[n].advance(args.runs)
+            images, seconds = blocks[n].advance(args.runs, args.cold_steps)
             per_second[n].append(images / seconds)
     for block in blocks.values():
         block.runner.logger.close()
@@ -391,9 +397,12 @@ def main(argv: list[str] | None = None) -> int:
             print("error: --overlap both times bare steps; --runs does not take it (give --overlap auto, on or off)",
                   file=sys.stderr)
             return 2
-        if args.interleave and (args.runs % PretrainConfig.log_every or args.warmup % PretrainConfig.log_every):
-            print(f"error: --runs {args.runs} --warmup {args.warmup} with --interleave: give multiples of "
-                  f"{PretrainConfig.log_every}, the runs' logging interval, so that each block's windows are its own",
+        every = PretrainConfig.log_every
+        if args.interleave and (args.runs % every or args.warmup % every or args.cold_steps % every
+                                or not 0 <= args.cold_steps < args.runs):
+            print(f"error: --runs {args.runs} --warmup {args.warmup} --cold-steps {args.cold_steps} with --interleave: "
+                  f"give multiples of {every}, the runs' logging interval, so that each block's windows are its own, "
+                  "and fewer cold steps than --runs",
                   file=sys.stderr)
             return 2
         Reinforce.overlap = OVERLAP[args.overlap]  # the runs build their agents themselves
@@ -402,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
                 logged = interleaved_runs(args, names, Path(tmp))
                 layout = (f"one real run per agent, {args.warmup} warm-up steps each, then {args.rounds} interleaved "
                           f"blocks of {args.runs} steps of each; logged perf/images_per_second (each block: the images "
-                          "over the clock seconds of the windows it logged)")
+                          f"over the clock seconds of the windows it logged after its first {args.cold_steps} steps)")
             else:
                 logged = {n: [] for n in names}  # per run: the median of its windows
                 for r in range(args.rounds):

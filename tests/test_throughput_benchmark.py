@@ -32,7 +32,8 @@ def test_a_run_driven_in_blocks_logs_windows_that_time_its_own_steps_only(throug
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """Between blocks the other runs step: a thousand seconds here, which the run's window clocks must leave out; each
     step takes a second more than it does, which they must keep. A block counts the windows that closed in it, whole
-    (one that began in the previous block too, its pause left out), also the epoch's last, short one."""
+    (one that began in the previous block too, its pause left out), also the epoch's last, short one; with
+    ``untimed``, those that close in its first steps are left out."""
     from agents.reinforce import Reinforce
     from classifiers import runlog
 
@@ -63,5 +64,9 @@ def test_a_run_driven_in_blocks_logs_windows_that_time_its_own_steps_only(throug
     for (_, seconds), n in zip(got, covered):
         assert n <= seconds < n + 100
     assert got[1][1] == pytest.approx(4 * 16 / windows[12] + 3 * 16 / windows[15])
+    images, seconds = blocks.advance(12, untimed=4)  # steps 26-37: the window at 28 is left out; 30 (epoch end), 32, 36
+    assert images == 8 * 16 and 8 <= seconds < 108
+    windows = dict(throughput.logged_windows(runner.run_dir / "metrics.jsonl"))
+    assert seconds == pytest.approx(2 * 16 / windows[30] + 2 * 16 / windows[32] + 4 * 16 / windows[36])
     assert not runner.done()
     runner.logger.close()
