@@ -252,6 +252,19 @@ def measure(args: argparse.Namespace, data: DataSpec, row: str, timing: Timing) 
     timing.env.append(clock.env_seconds)
 
 
+def rotated(items: list, r: int) -> list:
+    """``items`` in round ``r``'s order: rotated by ``r``, so every item comes first in turn."""
+    return items[r % len(items):] + items[: r % len(items)]
+
+
+def refuse_own_loop(agent: Agent, row: str) -> None:
+    """``--interleave`` stops and resumes an agent's ``act``/step/``observe`` loop in blocks; an agent with its own
+    training loop (stable-baselines3's) cannot be, and is refused."""
+    if type(agent).learn is not Agent.learn:
+        raise SystemExit(f"error: --interleave drives the agents' act/step/observe loop in blocks; {row} has its own "
+                         "training loop: leave it out, or measure it without --interleave")
+
+
 def measure_interleaved(args: argparse.Namespace, data: DataSpec, rows: list[str], timings: dict[str, Timing]) -> None:
     """``--interleave``: one core and agent per row for the whole measurement, ``warmup`` untimed steps each, then per
     round a block of one untimed and ``steps`` timed steps of every row in turn (the order rotated), so the rows'
@@ -260,14 +273,12 @@ def measure_interleaved(args: argparse.Namespace, data: DataSpec, rows: list[str
     units = []
     for row in rows:
         core, agent, clock = build(args, data, row, args.warmup + args.rounds * (args.steps + 1))
-        if type(agent).learn is not Agent.learn:
-            raise SystemExit(f"error: --interleave drives the agents' act/step/observe loop in blocks; {row} has its "
-                             "own training loop: leave it out, or measure it without --interleave")
+        refuse_own_loop(agent, row)
         clock.total = args.warmup
         agent.learn(clock)
         units.append((row, core, agent, clock))
     for r in range(args.rounds):
-        for row, core, agent, clock in units[r % len(units):] + units[: r % len(units)]:
+        for row, core, agent, clock in rotated(units, r):
             clock.warmup = core.global_step + 1
             clock.total = clock.warmup + args.steps
             agent.learn(clock)
@@ -346,15 +357,13 @@ def interleaved_runs(args: argparse.Namespace, names: list[str], folder: Path) -
         total = args.warmup + args.rounds * args.runs
         runner = PretrainRunner(PretrainConfig(algo=n, env=env_config(args, n), epochs=total, max_steps=total,
                                                run_dir=str(folder / n)))
-        if type(runner.agent).learn is not Agent.learn:
-            raise SystemExit(f"error: --runs with --interleave drives the runs' act/step/observe loop in blocks; {n} "
-                             "has its own training loop: leave it out, or measure it without --interleave")
+        refuse_own_loop(runner.agent, n)
         blocks[n] = RunBlocks(runner)
         if args.warmup:
             blocks[n].advance(args.warmup)
     per_second: dict[str, list[float]] = {n: [] for n in names}
     for r in range(args.rounds):
-        for n in names[r % len(names):] + names[: r % len(names)]:
+        for n in rotated(names, r):
             images, seconds = blocks[n].advance(args.runs, args.cold_steps)
             per_second[n].append(images / seconds)
     for block in blocks.values():
@@ -415,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 logged = {n: [] for n in names}  # per run: the median of its windows
                 for r in range(args.rounds):
-                    for n in names[r % len(names):] + names[: r % len(names)]:
+                    for n in rotated(names, r):
                         logged[n].append(statistics.median(logged_images_per_second(args, n, args.runs,
                                                                                     Path(tmp) / f"{r}")))
                 layout = (f"{args.rounds} rounds of real runs of {args.runs} steps per agent, logged "
@@ -435,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.interleave:
         measure_interleaved(args, data, names, timings)
     for r in range(args.rounds if not args.interleave else 0):
-        for n in names[r % len(names):] + names[: r % len(names)]:
+        for n in rotated(names, r):
             measure(args, data, n, timings[n])
     b, s = args.batch_size, args.steps
     layout = (f"{args.warmup} warm-up steps per agent, then {args.rounds} interleaved blocks of 1 + {s} steps"
