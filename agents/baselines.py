@@ -88,6 +88,11 @@ class UniformMask(Agent):
         return dist
 
     def act(self, images: torch.Tensor) -> Action:
+        if self.alpha == self.beta == 1.0:
+            # Beta(1, 1) is the uniform law on (0, 1): one uniform draw per cell, not two Gamma draws (0.19 ms for the
+            # demo's 32 grids of 8 x 8 on one core, against 0.007); the same law, other numbers than Beta.sample's
+            g = self.core.cfg.grid
+            return Action(grid=torch.rand(images.shape[0], g, g, device=images.device))
         return Action(grid=self.mask_distribution(images).sample())
 
 

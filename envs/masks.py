@@ -109,7 +109,9 @@ class NoiseMask(nn.Module):
     def forward(self, grid: torch.Tensor) -> torch.Tensor:
         """(B, G, G) grids -> (B, 1, H, W) masks, float32."""
         op = self.operator.float()  # float32 even if the module was cast
-        return (op @ grid.float() @ op.T).unsqueeze(1)
+        # A strided grid (a Beta's sample is a view of its Dirichlet's) makes the batched product copy it piecewise:
+        # 78 us instead of 21 for the demo's 32 grids of 8 x 8 on one core; one copy first costs 2.
+        return (op @ grid.float().contiguous() @ op.T).unsqueeze(1)
 
     def apply(self, images: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
         """Multiply normalised images (B, C, H, W) by the blurred mask of each image's grid."""

@@ -64,16 +64,38 @@ def test_pretraining_with_an_augmentation_reports_it_as_the_perturbation(algo: s
     assert not any(k.startswith("diagnostics/") for k in figures)  # no mask policy to diagnose
 
 
-def test_the_uniform_mask_draws_what_a_fresh_beta_per_batch_draws() -> None:
-    """Its Beta is built once per batch size and reused: the grids are those of a Beta(1, 1) built anew for every
-    batch from the same generator, a smaller last batch included."""
+def test_the_uniform_mask_draws_its_cells_from_the_uniform_law_a_beta_1_1_gives() -> None:
+    """Beta(1, 1) is drawn as one uniform number per cell (not two Gamma draws): the same law, a smaller last batch
+    included, reproducible from the seed, independent across cells."""
+    from scipy import stats
+
     agent = UniformMask()
     agent.core = SimpleNamespace(cfg=SimpleNamespace(grid=4))
     sizes = [16, 16, 5, 16]
     torch.manual_seed(0)
     grids = [agent.act(batch(n)).grid for n in sizes]
     torch.manual_seed(0)
-    expected = [cell_beta(torch.ones(n, 4, 4), torch.ones(n, 4, 4)).sample() for n in sizes]
+    assert all(torch.equal(g, agent.act(batch(n)).grid) for g, n in zip(grids, sizes))
+    assert [g.shape for g in grids] == [(n, 4, 4) for n in sizes]
+    draws = torch.cat([agent.act(batch(256)).grid for _ in range(8)])  # 32,768 cells
+    assert 0.0 <= float(draws.min()) and float(draws.max()) < 1.0
+    assert stats.kstest(draws.flatten().numpy(), "uniform").pvalue > 0.01
+    beta_draws = agent.mask_distribution(batch(256)).sample((8,)).flatten().numpy()  # what Beta(1, 1) itself draws
+    assert stats.ks_2samp(draws.flatten().numpy(), beta_draws).pvalue > 0.01
+    neighbours = torch.corrcoef(torch.stack([draws[:, 0, 0], draws[:, 0, 1]]))[0, 1]
+    assert abs(float(neighbours)) < 0.05
+
+
+def test_a_non_uniform_beta_mask_draws_what_a_fresh_beta_per_batch_draws() -> None:
+    """Other concentrations draw from the Beta itself, built once per batch size and reused: the grids are those of a
+    Beta built anew for every batch from the same generator, a smaller last batch included."""
+    agent = UniformMask(alpha=2.0, beta=0.5)
+    agent.core = SimpleNamespace(cfg=SimpleNamespace(grid=4))
+    sizes = [16, 16, 5, 16]
+    torch.manual_seed(0)
+    grids = [agent.act(batch(n)).grid for n in sizes]
+    torch.manual_seed(0)
+    expected = [cell_beta(torch.full((n, 4, 4), 2.0), torch.full((n, 4, 4), 0.5)).sample() for n in sizes]
     assert [g.shape for g in grids] == [(n, 4, 4) for n in sizes]
     assert all(torch.equal(g, e) for g, e in zip(grids, expected))
     assert agent.mask_distribution(batch(16)) is agent.mask_distribution(batch(16))  # built once, not per batch
