@@ -161,10 +161,17 @@ def cell_beta(alpha: torch.Tensor, beta: torch.Tensor) -> Beta:
     return Beta(alpha, beta, validate_args=False)
 
 
-def sample_mask(dist_: Beta) -> torch.Tensor:
-    """Sample a mask grid, kept inside ``[SAMPLE_EPS, 1 - SAMPLE_EPS]`` so its log-probability is finite."""
+def sample_mask(dist_: Beta, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sample a mask grid, kept inside ``[SAMPLE_EPS, 1 - SAMPLE_EPS]`` so its log-probability is finite; from
+    ``generator`` (None: the global one), by the computation ``Beta.sample`` makes (a Dirichlet over ``(alpha,
+    beta)``, its first component), which takes no generator."""
     with torch.no_grad():
-        return dist_.sample().clamp(SAMPLE_EPS, 1.0 - SAMPLE_EPS)
+        if generator is None:
+            grid = dist_.sample()
+        else:
+            pair = torch.stack([dist_.concentration1, dist_.concentration0], -1)
+            grid = torch._sample_dirichlet(pair, generator=generator).select(-1, 0)
+        return grid.clamp(SAMPLE_EPS, 1.0 - SAMPLE_EPS)
 
 
 def mask_log_prob(dist_: Beta, grid: torch.Tensor) -> torch.Tensor:

@@ -43,8 +43,9 @@ one: the environment hands the rewards over as soon as the classifier's forward 
 (``Action.on_reward``), and the next ``act`` waits for the update. Each thread does the same operations
 in the same order as before, so a run is the same, bit for bit, with or without it (tests/test_reinforce.py). The
 environment also hands over the next batch (``Action.on_next_batch``), and the same thread then computes the policy's
-forward pass for it (trunk, head, concentrations, the moving-average base's next value and the Beta), after the
-update; ``act`` stores the base, raises on non-finite concentrations, and samples.
+forward pass for it (trunk, head, concentrations, the moving-average base's next value and the Beta) and draws its
+grid, after the update; ``act`` stores the base and raises on non-finite concentrations. The grids come from the
+agent's own generator (:attr:`Reinforce.generator`, in its checkpoints), drawn in the same order on either thread.
 ``NOISEMASK_OVERLAP_UPDATE=0`` in the environment (or ``Reinforce.overlap = False``) keeps everything on one thread.
 """
 
@@ -57,6 +58,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 from torch.distributions import Beta
@@ -82,6 +84,8 @@ from envs.core import PretrainCore, StepResult
 from envs.masks import hold_mean
 
 OBJECTIVES = ("reinforce", "official")
+SAMPLER_STREAM = 0x6D61736B
+"""Mixed into the seed of the agents' own generators, so that they draw other numbers than the global one."""
 _UPDATE_THREAD: ThreadPoolExecutor | None = None
 OVERLAP_ENV = "NOISEMASK_OVERLAP_UPDATE"
 
@@ -264,6 +268,14 @@ class Ahead(NamedTuple):
     """Whether both concentrations are finite."""
     dist: Beta
     """The per-cell Beta of the concentrations."""
+    grid: torch.Tensor | None
+    """The grid drawn from it with the agent's generator (None where the concentrations are not finite)."""
+    rng: torch.Tensor | None
+    """The generator's state before that draw: what a checkpoint written before ``act`` holds, and where a draw nobody
+    uses is undone to."""
+    log_sum_exp: torch.Tensor | None
+    """The official objective's per-image log-sum-exp term of the grid, for the classifier's loss scale (None without
+    ``scale_classifier_loss``)."""
 
 
 class Reinforce(Agent):
@@ -295,6 +307,15 @@ class Reinforce(Agent):
         if is_distributed():
             ids = [core.dev.device.index] if core.dev.cuda else None
             self.net = DistributedDataParallel(self.sampler, device_ids=ids)
+        self.generator: torch.Generator | None = None
+        """What the grids are drawn from in one process: the agent's own, so that a draw can be made on the update
+        thread (ahead of ``act``) while the training thread's data pipeline draws from and reseeds the global one; its
+        state is in the agent's checkpoints. Seeded from the run's seed. Under torch.distributed (where nothing runs
+        ahead) None: every rank draws from its own global generator, which the checkpoints hold per rank."""
+        if not is_distributed():
+            self.generator = torch.Generator(device=core.dev.device)
+            self.generator.manual_seed(int(np.random.SeedSequence([core.cfg.seed, SAMPLER_STREAM])
+                                           .generate_state(1)[0]))
         self.lr = cfg.policy_lr if cfg.policy_lr is not None else core.cfg.lr / 10
         self.optimizer = torch.optim.SGD(self.policy.parameters(), lr=self.lr, momentum=cfg.momentum)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(1, total_steps),
@@ -319,20 +340,25 @@ class Reinforce(Agent):
             self.policy.train()
         if ahead is None:
             dist = beta_distribution(self.net, images, update_base=True, step=self.core.global_step)
+            grid = sample_mask(dist, self.generator)
+            log_sum_exp = self._log_sum_exp(dist, grid)
         else:
             keep_base(self.policy, ahead.alpha, ahead.beta, ahead.base)
             if not ahead.finite:
                 checked_beta(ahead.alpha, ahead.beta, self.core.global_step)  # raises, naming them and the step
-            dist = ahead.dist
-        grid = sample_mask(dist)
+            dist, grid, log_sum_exp = ahead.dist, ahead.grid, ahead.log_sum_exp
         self._dist, self._grid = dist, grid
-        self._loss_scale = None
-        if self.cfg.scale_classifier_loss:
-            with torch.no_grad():  # a constant to the classifier; the policy's gradient comes from observe
-                self._loss_scale = all_mean(log_sum_exp_term(mask_log_prob(dist, grid)))
+        # a constant to the classifier; the policy's gradient comes from observe
+        self._loss_scale = all_mean(log_sum_exp) if log_sum_exp is not None else None
         overlap = self._overlaps()
         return Action(grid=grid, loss_scale=self._loss_scale, on_reward=self._start_update if overlap else None,
                       on_next_batch=self._start_forward if overlap else None)
+
+    @torch.no_grad()
+    def _log_sum_exp(self, dist: Beta, grid: torch.Tensor) -> torch.Tensor | None:
+        """The batch mean of the official objective's log-sum-exp term of ``grid``, this process's (None without
+        ``scale_classifier_loss``)."""
+        return log_sum_exp_term(mask_log_prob(dist, grid)) if self.cfg.scale_classifier_loss else None
 
     def _overlaps(self) -> bool:
         if self.overlap is None:
@@ -353,22 +379,35 @@ class Reinforce(Agent):
         the head and the concentrations, with gradient, for the next update), on the update thread after this step's
         update, so with the parameters the next ``act`` would use. The moving-average base's step is computed but not
         stored (it is state a checkpoint written before then must not yet hold): ``act`` stores it, checks the
-        concentrations and samples (it draws from the generator the main thread also draws from)."""
+        concentrations and uses the grid drawn here from the agent's own generator (:attr:`generator`)."""
         if self._pending is not None:  # else the update runs in observe, on this thread, and would race with it
             self._ahead = (images, on_update_thread(self._concentrations, images))
 
     def _concentrations(self, images: torch.Tensor) -> Ahead:
         alpha, beta, base = self.sampler.concentrations(self.policy.head_output(images), update_base=True)
         finite = bool(torch.isfinite(alpha).all()) and bool(torch.isfinite(beta).all())
-        return Ahead(alpha, beta, base, finite, cell_beta(alpha, beta))
+        dist = cell_beta(alpha, beta)
+        if not finite:
+            return Ahead(alpha, beta, base, finite, dist, None, None, None)
+        rng = self.generator.get_state() if self.generator is not None else None
+        grid = sample_mask(dist, self.generator)
+        return Ahead(alpha, beta, base, finite, dist, grid, rng, self._log_sum_exp(dist, grid))
+
+    def _waited_ahead(self) -> Ahead | None:
+        """Wait for the forward pass :meth:`_start_forward` started, if any; what it gave (None if none or if it
+        raised)."""
+        if self._ahead is None or self._ahead[1].exception() is not None:  # an error nobody uses is nobody's
+            return None
+        return self._ahead[1].result()
 
     def _take_ahead(self, images: torch.Tensor | None = None) -> Ahead | None:
         """Wait for a forward pass :meth:`_start_forward` started (it reads the parameters and the base) and forget it;
-        what it gave if it was for ``images`` (the same tensor), else None."""
+        what it gave if it was for ``images`` (the same tensor), else None, its draw undone."""
+        waited = self._waited_ahead()
         ahead, self._ahead = self._ahead, None
         if ahead is None or ahead[0] is not images:
-            if ahead is not None:
-                ahead[1].exception()  # wait; an error in a forward pass nobody uses is nobody's
+            if waited is not None and waited.rng is not None:
+                self.generator.set_state(waited.rng)
             return None
         return ahead[1].result()
 
@@ -442,7 +481,13 @@ class Reinforce(Agent):
 
     def state_dict(self) -> dict[str, Any]:
         self._finish_update()
+        ahead = self._waited_ahead()
+        drawn_ahead = ahead.rng if ahead is not None else None
+        rng = {}
+        if self.generator is not None:  # before a draw made ahead: a resumed run's act makes it again
+            rng["sampler_rng"] = drawn_ahead if drawn_ahead is not None else self.generator.get_state()
         return {
+            **rng,
             "policy": self.policy.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -467,3 +512,6 @@ class Reinforce(Agent):
                 group["lr"] = 0.5 * base_lr * (1.0 + math.cos(math.pi * t / total))
         self.baseline.copy_(state["baseline"])
         self.baseline_ready = bool(state["baseline_ready"])
+        # a checkpoint from before the agent had its own generator, or from several processes, resumes from a fresh one
+        if self.generator is not None and "sampler_rng" in state:
+            self.generator.set_state(state["sampler_rng"])

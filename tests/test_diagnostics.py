@@ -111,11 +111,12 @@ def test_drift_is_told_apart_from_learning() -> None:
     - learning switched off (policy lr 1e-12), the paper's ``exp`` parameterisation: the moving-average base
       drifts, so the policy moves (KL to step 0 rises), but toward Beta(1, 1) (KL to Beta(1, 1) and the spread
       over cells fall);
-    - learning (``softplus``, lr 0.03, as in tests/test_reinforce.py): the policy moves away from Beta(1, 1)
-      into a pattern across cells.
+    - learning (``softplus``, lr 0.03, 600 steps, as in tests/test_reinforce.py): the policy moves away from
+      Beta(1, 1) into a pattern across cells. (Its spread over cells after 600 steps was 0.344-0.349 for seeds 0-3;
+      after 300 it is still 0.04-0.26, depending on the masks drawn.)
     """
     drift = learn_sign(seed=0, steps=300, param="exp", policy_lr=1e-12, diagnose=True)
-    learned = learn_sign(seed=0, steps=300, param="softplus", policy_lr=0.03, diagnose=True)
+    learned = learn_sign(seed=0, steps=600, param="softplus", policy_lr=0.03, diagnose=True)
     for name, (start, end) in (("drift", drift), ("learned", learned)):
         print(name, {k.split("/")[1]: (round(start[k].item(), 4), round(end[k].item(), 4)) for k in end})
     start, end = drift

@@ -15,6 +15,7 @@ from agents.policy import (
     SAMPLE_EPS,
     BetaMaskPolicy,
     beta_distribution,
+    cell_beta,
     mask_log_prob,
     sample_mask,
 )
@@ -204,3 +205,14 @@ def test_trunk_runs_channels_last_with_the_same_outputs() -> None:
     x = images(s=32)
     for got, want in zip(p(x), ref(x)):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_grid_drawn_from_a_generator_is_the_one_beta_sample_draws_from_the_same_state() -> None:
+    """``sample_mask`` with a generator makes Beta.sample's computation on that generator: the same numbers as the
+    global generator gives from the same seed, clamped the same way."""
+    dist = cell_beta(torch.rand(4, 3, 3) * 5 + 0.1, torch.rand(4, 3, 3) * 5 + 0.1)
+    torch.manual_seed(5)
+    expected = sample_mask(dist)
+    generator = torch.Generator().manual_seed(5)
+    assert torch.equal(sample_mask(dist, generator), expected)
+    assert not torch.equal(sample_mask(dist, generator), expected)  # the generator moved on

@@ -30,7 +30,7 @@ from envs.core import EnvConfig, PretrainCore, StepResult
 
 def fake_core(grid: int = 2, channels: int = 1, lr: float = 0.1) -> SimpleNamespace:
     """What Reinforce.bind and act/observe read from the environment core, without a classifier."""
-    return SimpleNamespace(in_channels=channels, cfg=SimpleNamespace(grid=grid, lr=lr),
+    return SimpleNamespace(in_channels=channels, cfg=SimpleNamespace(grid=grid, lr=lr, seed=0),
                            dev=DevicePolicy(torch.device("cpu")), global_step=0,
                            loader=SimpleNamespace(num_workers=0))
 
@@ -558,3 +558,26 @@ def test_reinforce_learns_to_keep_the_informative_half() -> None:
     assert abs(halves(start)[0] - halves(start)[1]) < 0.02
     assert top - bottom > 0.3
     assert rows[0] > 0.8 and rows[-1] < 0.3  # the rows farthest apart: kept, and removed
+
+
+def test_a_grid_drawn_ahead_for_a_batch_that_does_not_come_is_undrawn() -> None:
+    """The update thread draws the next batch's grid from the agent's own generator; when act gets another batch (a
+    new episode's), that draw is undone, so the overlapped agent draws what the serial one draws; and a checkpoint
+    taken while a grid drawn ahead waits holds the generator as it was before that draw."""
+    grids, saved = {}, {}
+    for overlap in (True, False):
+        torch.manual_seed(0)
+        core, _ = sign_core(0)
+        agent = Reinforce(policy_lr=0.1)
+        agent.overlap = overlap
+        agent.bind(core, 10)
+        action = agent.act(core.images)
+        result = core.step(grid=action.grid, on_reward=action.on_reward, on_next_batch=action.on_next_batch)
+        assert (agent._ahead is not None) == overlap
+        agent.observe(result)
+        saved[overlap] = agent.state_dict()["sampler_rng"]
+        other = core.images.flip(0)  # not the batch announced
+        grids[overlap] = agent.act(other).grid
+        assert agent._ahead is None
+    assert torch.equal(saved[True], saved[False])
+    assert torch.equal(grids[True], grids[False])
