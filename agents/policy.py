@@ -169,7 +169,7 @@ def sample_mask(dist_: Beta, generator: torch.Generator | None = None) -> torch.
         if generator is None:
             grid = dist_.sample()
         else:
-            pair = torch.stack([dist_.concentration1, dist_.concentration0], -1)
+            pair = dist_._dirichlet.concentration  # (alpha, beta) on the last axis, as Beta.sample draws from
             grid = torch._sample_dirichlet(pair, generator=generator).select(-1, 0)
         return grid.clamp(SAMPLE_EPS, 1.0 - SAMPLE_EPS)
 

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -88,6 +89,11 @@ SAMPLER_STREAM = 0x6D61736B
 """Mixed into the seed of the agents' own generators, so that they draw other numbers than the global one."""
 _UPDATE_THREAD: ThreadPoolExecutor | None = None
 OVERLAP_ENV = "NOISEMASK_OVERLAP_UPDATE"
+
+
+def sampler_seed(seed: int, *more: int) -> int:
+    """The seed of a REINFORCE agent's own generator for the run's ``seed`` (and ``more``, such as a step)."""
+    return int(np.random.SeedSequence([seed, SAMPLER_STREAM, *more]).generate_state(1)[0])
 
 
 def on_update_thread(fn: Callable[..., Any], *args: Any) -> Future:
@@ -270,9 +276,6 @@ class Ahead(NamedTuple):
     """The per-cell Beta of the concentrations."""
     grid: torch.Tensor | None
     """The grid drawn from it with the agent's generator (None where the concentrations are not finite)."""
-    rng: torch.Tensor | None
-    """The generator's state before that draw: what a checkpoint written before ``act`` holds, and where a draw nobody
-    uses is undone to."""
     log_sum_exp: torch.Tensor | None
     """The official objective's per-image log-sum-exp term of the grid, for the classifier's loss scale (None without
     ``scale_classifier_loss``)."""
@@ -314,8 +317,7 @@ class Reinforce(Agent):
         ahead) None: every rank draws from its own global generator, which the checkpoints hold per rank."""
         if not is_distributed():
             self.generator = torch.Generator(device=core.dev.device)
-            self.generator.manual_seed(int(np.random.SeedSequence([core.cfg.seed, SAMPLER_STREAM])
-                                           .generate_state(1)[0]))
+            self.generator.manual_seed(sampler_seed(core.cfg.seed))
         self.lr = cfg.policy_lr if cfg.policy_lr is not None else core.cfg.lr / 10
         self.optimizer = torch.optim.SGD(self.policy.parameters(), lr=self.lr, momentum=cfg.momentum)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(1, total_steps),
@@ -323,9 +325,9 @@ class Reinforce(Agent):
         self.baseline = torch.zeros((), device=core.dev.device)
         self.baseline_ready = False
         self._pending: Future | None = None
-        self._ahead: tuple[torch.Tensor, Future] | None = None
-        """The next batch and the policy's concentrations for it being computed on the update thread
-        (:meth:`_start_forward`)."""
+        self._ahead: tuple[torch.Tensor, torch.Tensor, Future] | None = None
+        """The next batch, the generator's state before the draw for it, and the policy's concentrations and grid for
+        it being computed on the update thread (:meth:`_start_forward`)."""
 
     @torch.no_grad()
     def mask_distribution(self, images: torch.Tensor) -> Beta:
@@ -381,35 +383,30 @@ class Reinforce(Agent):
         stored (it is state a checkpoint written before then must not yet hold): ``act`` stores it, checks the
         concentrations and uses the grid drawn here from the agent's own generator (:attr:`generator`)."""
         if self._pending is not None:  # else the update runs in observe, on this thread, and would race with it
-            self._ahead = (images, on_update_thread(self._concentrations, images))
+            # the generator's state before the draw made ahead, taken here while no thread draws from it
+            self._ahead = (images, self.generator.get_state(), on_update_thread(self._concentrations, images))
 
     def _concentrations(self, images: torch.Tensor) -> Ahead:
         alpha, beta, base = self.sampler.concentrations(self.policy.head_output(images), update_base=True)
         finite = bool(torch.isfinite(alpha).all()) and bool(torch.isfinite(beta).all())
         dist = cell_beta(alpha, beta)
         if not finite:
-            return Ahead(alpha, beta, base, finite, dist, None, None, None)
-        rng = self.generator.get_state() if self.generator is not None else None
+            return Ahead(alpha, beta, base, finite, dist, None, None)
         grid = sample_mask(dist, self.generator)
-        return Ahead(alpha, beta, base, finite, dist, grid, rng, self._log_sum_exp(dist, grid))
-
-    def _waited_ahead(self) -> Ahead | None:
-        """Wait for the forward pass :meth:`_start_forward` started, if any; what it gave (None if none or if it
-        raised)."""
-        if self._ahead is None or self._ahead[1].exception() is not None:  # an error nobody uses is nobody's
-            return None
-        return self._ahead[1].result()
+        return Ahead(alpha, beta, base, finite, dist, grid, self._log_sum_exp(dist, grid))
 
     def _take_ahead(self, images: torch.Tensor | None = None) -> Ahead | None:
         """Wait for a forward pass :meth:`_start_forward` started (it reads the parameters and the base) and forget it;
-        what it gave if it was for ``images`` (the same tensor), else None, its draw undone."""
-        waited = self._waited_ahead()
+        what it gave if it was for ``images`` (the same tensor), else None, its draw undone (also if it failed)."""
         ahead, self._ahead = self._ahead, None
-        if ahead is None or ahead[0] is not images:
-            if waited is not None and waited.rng is not None:
-                self.generator.set_state(waited.rng)
+        if ahead is None:
             return None
-        return ahead[1].result()
+        images_ahead, rng, future = ahead
+        if images_ahead is not images:
+            future.exception()  # wait; an error in a forward pass nobody uses is nobody's
+            self.generator.set_state(rng)
+            return None
+        return future.result()
 
     def _finish_update(self) -> dict[str, Any] | None:
         """Wait for an update started by :meth:`_start_update`; its scalars (None when none was pending). An error
@@ -481,11 +478,10 @@ class Reinforce(Agent):
 
     def state_dict(self) -> dict[str, Any]:
         self._finish_update()
-        ahead = self._waited_ahead()
-        drawn_ahead = ahead.rng if ahead is not None else None
         rng = {}
         if self.generator is not None:  # before a draw made ahead: a resumed run's act makes it again
-            rng["sampler_rng"] = drawn_ahead if drawn_ahead is not None else self.generator.get_state()
+            state = self._ahead[1] if self._ahead is not None else self.generator.get_state()
+            rng["sampler_rng"] = {"device": self.generator.device.type, "state": state}
         return {
             **rng,
             "policy": self.policy.state_dict(),
@@ -512,6 +508,19 @@ class Reinforce(Agent):
                 group["lr"] = 0.5 * base_lr * (1.0 + math.cos(math.pi * t / total))
         self.baseline.copy_(state["baseline"])
         self.baseline_ready = bool(state["baseline_ready"])
-        # a checkpoint from before the agent had its own generator, or from several processes, resumes from a fresh one
-        if self.generator is not None and "sampler_rng" in state:
-            self.generator.set_state(state["sampler_rng"])
+        if self.generator is not None:
+            self._restore_generator(state.get("sampler_rng"))
+
+    def _restore_generator(self, saved: dict[str, Any] | None) -> None:
+        """Set the grids' generator to a checkpoint's; one written by torch.distributed ranks, before the agent had its
+        own, or on another kind of device (whose generator's state does not fit) reseeds it from the run's seed and
+        step instead, with a warning: the run goes on, drawing other grids than an uninterrupted run."""
+        if saved is not None and saved["device"] == self.generator.device.type:
+            self.generator.set_state(saved["state"])
+            return
+        step = self.core.global_step
+        why = "holds no state of it" if saved is None else f"holds a {saved['device']} generator's state"
+        warnings.warn(f"the checkpoint {why} for the mask grids' generator ({self.generator.device.type}); it is "
+                      f"reseeded from (seed, step {step}), so the grids differ from an uninterrupted run's",
+                      stacklevel=3)
+        self.generator.manual_seed(sampler_seed(self.core.cfg.seed, step))

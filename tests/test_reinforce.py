@@ -21,7 +21,7 @@ from torch.distributions import Beta
 import agents.reinforce as reinforce_module
 from agents.diagnostics import Probe, policy_diagnostics
 from agents.policy import BetaMaskPolicy, mask_log_prob, sample_mask
-from agents.reinforce import Reinforce, official_loss, reinforce_loss
+from agents.reinforce import Reinforce, official_loss, reinforce_loss, sampler_seed
 from agents.runner import PretrainConfig, pretrain
 from classifiers.data import DataSpec, ImageSource
 from classifiers.train import PAPER_MEAN, DevicePolicy, NonFiniteError
@@ -575,9 +575,28 @@ def test_a_grid_drawn_ahead_for_a_batch_that_does_not_come_is_undrawn() -> None:
         result = core.step(grid=action.grid, on_reward=action.on_reward, on_next_batch=action.on_next_batch)
         assert (agent._ahead is not None) == overlap
         agent.observe(result)
-        saved[overlap] = agent.state_dict()["sampler_rng"]
+        saved[overlap] = agent.state_dict()["sampler_rng"]["state"]
         other = core.images.flip(0)  # not the batch announced
         grids[overlap] = agent.act(other).grid
         assert agent._ahead is None
     assert torch.equal(saved[True], saved[False])
     assert torch.equal(grids[True], grids[False])
+
+
+@pytest.mark.parametrize("saved", [None, "cuda"])
+def test_a_checkpoint_without_the_grids_generator_for_this_device_reseeds_it_from_the_step(saved: str | None) -> None:
+    """A checkpoint written before the agent had its own generator (or by torch.distributed ranks), or on another kind
+    of device, cannot restore it: it is reseeded from (seed, step), with a warning, rather than replaying the run's
+    first grids or failing as a checkpoint that does not fit."""
+    agent, core = bound_agent()
+    state = agent.state_dict()
+    if saved is None:
+        del state["sampler_rng"]
+    else:
+        state["sampler_rng"] = {"device": saved, "state": torch.zeros(16, dtype=torch.uint8)}
+    core.global_step = 7
+    with pytest.warns(UserWarning, match="reseeded from \\(seed, step 7\\)"):
+        agent.load_state_dict(state)
+    expected = torch.Generator().manual_seed(sampler_seed(0, 7)).get_state()
+    assert torch.equal(agent.generator.get_state(), expected)
+    assert not torch.equal(expected, torch.Generator().manual_seed(sampler_seed(0)).get_state())
