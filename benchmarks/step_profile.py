@@ -237,6 +237,7 @@ def instrument(t: Timers, runner: PretrainRunner) -> None:
         t.patch(type(agent.scheduler), "step", "lr schedule step")  # on the class: an instance attribute would
         # land in the scheduler's state_dict (its __dict__) and break the checkpoint
         t.patch(agents.reinforce, "check_finite", "finiteness checks")
+        t.patch(agents.reinforce, "sample_mask", "Beta sampling")  # from its own generator: not through Beta.rsample
         t.patch(agent, "_update", "policy update")
     if hasattr(agent, "model") and hasattr(agent, "venv"):  # stable-baselines3
         model = agent.model  # its methods patched on the class: stable-baselines3 pickles the instance's __dict__
