@@ -59,7 +59,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 from torch import nn
 from torch.distributions import Beta
@@ -78,6 +77,7 @@ from agents.policy import (
     mask_log_prob,
     sample_mask,
 )
+from classifiers.checkpoint import derived_seed
 from classifiers.data import available_cores
 from classifiers.distributed import all_mean, is_distributed, world_size
 from classifiers.train import check_finite
@@ -93,7 +93,7 @@ OVERLAP_ENV = "NOISEMASK_OVERLAP_UPDATE"
 
 def sampler_seed(seed: int, *more: int) -> int:
     """The seed of a REINFORCE agent's own generator for the run's ``seed`` (and ``more``, such as a step)."""
-    return int(np.random.SeedSequence([seed, SAMPLER_STREAM, *more]).generate_state(1)[0])
+    return derived_seed(seed, SAMPLER_STREAM, *more)
 
 
 def on_update_thread(fn: Callable[..., Any], *args: Any) -> Future:
@@ -277,8 +277,7 @@ class Ahead(NamedTuple):
     grid: torch.Tensor | None
     """The grid drawn from it with the agent's generator (None where the concentrations are not finite)."""
     log_sum_exp: torch.Tensor | None
-    """The official objective's per-image log-sum-exp term of the grid, for the classifier's loss scale (None without
-    ``scale_classifier_loss``)."""
+    """:meth:`Reinforce._log_sum_exp` of the grid, for the classifier's loss scale."""
 
 
 class Reinforce(Agent):
@@ -358,7 +357,7 @@ class Reinforce(Agent):
 
     @torch.no_grad()
     def _log_sum_exp(self, dist: Beta, grid: torch.Tensor) -> torch.Tensor | None:
-        """The batch mean of the official objective's log-sum-exp term of ``grid``, this process's (None without
+        """The official objective's log-sum-exp term of ``grid``, its mean over this process's batch (None without
         ``scale_classifier_loss``)."""
         return log_sum_exp_term(mask_log_prob(dist, grid)) if self.cfg.scale_classifier_loss else None
 
@@ -478,12 +477,7 @@ class Reinforce(Agent):
 
     def state_dict(self) -> dict[str, Any]:
         self._finish_update()
-        rng = {}
-        if self.generator is not None:  # before a draw made ahead: a resumed run's act makes it again
-            state = self._ahead[1] if self._ahead is not None else self.generator.get_state()
-            rng["sampler_rng"] = {"device": self.generator.device.type, "state": state}
-        return {
-            **rng,
+        state = {
             "policy": self.policy.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -491,6 +485,10 @@ class Reinforce(Agent):
             "baseline_ready": self.baseline_ready,
             "config": asdict(self.cfg),
         }
+        if self.generator is not None:  # before a draw made ahead: a resumed run's act makes it again
+            rng = self._ahead[1] if self._ahead is not None else self.generator.get_state()
+            state["sampler_rng"] = {"device": self.generator.device.type, "state": rng}
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._finish_update()

@@ -32,12 +32,18 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
 
 
+def derived_seed(seed: int, *more: int) -> int:
+    """A seed for another random stream, derived from ``(seed, *more)`` (numpy's ``SeedSequence``): different parts give
+    independent streams."""
+    return int(np.random.SeedSequence([seed, *more]).generate_state(1)[0])
+
+
 def decorrelate_ranks(seed: int, *more: int) -> None:
     """Under torch.distributed, reseed every rank's RNGs from ``(seed, *more, rank)``, so the ranks draw different
     random numbers (each rank's mask samples its own noise). Call it after anything that must be the
     same on every rank (model initialisation). One process: nothing changes."""
     if is_distributed() and torch.distributed.get_world_size() > 1:
-        seed_everything(int(np.random.SeedSequence([seed, *more, rank()]).generate_state(1)[0]))
+        seed_everything(derived_seed(seed, *more, rank()))
 
 
 def run_rng_state() -> list[dict[str, Any]]:

@@ -302,11 +302,7 @@ def test_an_overlapped_update_raises_its_error_where_the_serial_one_does(monkeyp
     policy as it was."""
     messages = []
     for overlap in (True, False):
-        torch.manual_seed(0)
-        core, _ = sign_core(0)
-        agent = Reinforce()
-        agent.overlap = overlap
-        agent.bind(core, 10)
+        core, agent = sign_agent(overlap)
         monkeypatch.setattr(core, "_reward", lambda loss, correct: torch.full_like(loss, float("nan")))
         action = agent.act(core.images)
         assert (action.on_reward is not None) == overlap
@@ -338,11 +334,7 @@ def test_non_finite_concentrations_computed_ahead_are_raised_by_act_as_the_seria
     outcome = []
     for overlap in (True, False):
         monkeypatch.setattr(BetaMaskPolicy, "head_output", head_output)
-        torch.manual_seed(0)
-        core, _ = sign_core(0)
-        agent = Reinforce(policy_lr=0.1)
-        agent.overlap = overlap
-        agent.bind(core, 10)
+        core, agent = sign_agent(overlap, policy_lr=0.1)
         action = agent.act(core.images)
         monkeypatch.setattr(BetaMaskPolicy, "head_output", one_cell_nan)
         result = core.step(grid=action.grid, on_reward=action.on_reward, on_next_batch=action.on_next_batch)
@@ -370,11 +362,8 @@ def test_what_reads_the_policy_waits_for_an_overlapped_update(reader: str, monke
         return update(self, *args)
 
     monkeypatch.setattr(Reinforce, "_update", slow)
-    torch.manual_seed(0)
-    core, _ = sign_core(0)
-    agent = Reinforce(policy_lr=0.1)  # the sign task's classifier trains at 0, and the default is its lr / 10
-    agent.overlap = True
-    agent.bind(core, 10)
+    # the sign task's classifier trains at 0, and the agent's default policy lr is its lr / 10
+    core, agent = sign_agent(True, policy_lr=0.1)
     before = [p.detach().clone() for p in agent.policy.parameters()]
     action = agent.act(core.images)
     core.step(grid=action.grid, on_reward=action.on_reward)
@@ -392,11 +381,7 @@ def test_a_forward_pass_computed_ahead_serves_only_its_batch_and_policy() -> Non
     """The concentrations computed ahead on the update thread are used by act only for the batch they were computed for,
     and are dropped when load_state_dict replaces the parameters they were computed with: act then gives what a serial
     agent holding the same state gives."""
-    torch.manual_seed(0)
-    core, _ = sign_core(0)
-    agent = Reinforce(policy_lr=0.1)
-    agent.overlap = True
-    agent.bind(core, 10)
+    core, agent = sign_agent(True, policy_lr=0.1)
     other = Reinforce(policy_lr=0.1)
     other.overlap = False
     other.bind(core, 10)
@@ -427,11 +412,7 @@ def test_a_forward_pass_computed_ahead_serves_only_its_batch_and_policy() -> Non
 
 
 def test_observe_refuses_rewards_changed_after_the_overlapped_update_read_them() -> None:
-    torch.manual_seed(0)
-    core, _ = sign_core(0)
-    agent = Reinforce()
-    agent.overlap = True
-    agent.bind(core, 10)
+    core, agent = sign_agent(True)
     action = agent.act(core.images)
     result = core.step(grid=action.grid, on_reward=action.on_reward)
     result.reward = result.reward * 2
@@ -511,6 +492,17 @@ def sign_core(seed: int) -> tuple[PretrainCore, DataSpec]:
     return core, data
 
 
+def sign_agent(overlap: bool, **options: Any) -> tuple[PretrainCore, Reinforce]:
+    """The sign task's environment (seed 0) and a REINFORCE agent bound to it for 10 steps, its update overlapped or
+    not, from the same global seed."""
+    torch.manual_seed(0)
+    core, _ = sign_core(0)
+    agent = Reinforce(**options)
+    agent.overlap = overlap
+    agent.bind(core, 10)
+    return core, agent
+
+
 def learn_sign(seed: int, steps: int = 600, diagnose: bool = False, **agent_options) -> tuple[Any, Any]:
     """REINFORCE on the sign task with the fixed classifier; return the policy's mean mask value per cell on
     held-out images, (G, G), before and after training (with ``diagnose``: the policy diagnostics of
@@ -566,11 +558,7 @@ def test_a_grid_drawn_ahead_for_a_batch_that_does_not_come_is_undrawn() -> None:
     taken while a grid drawn ahead waits holds the generator as it was before that draw."""
     grids, saved = {}, {}
     for overlap in (True, False):
-        torch.manual_seed(0)
-        core, _ = sign_core(0)
-        agent = Reinforce(policy_lr=0.1)
-        agent.overlap = overlap
-        agent.bind(core, 10)
+        core, agent = sign_agent(overlap, policy_lr=0.1)
         action = agent.act(core.images)
         result = core.step(grid=action.grid, on_reward=action.on_reward, on_next_batch=action.on_next_batch)
         assert (agent._ahead is not None) == overlap
