@@ -18,7 +18,8 @@ fixes the classifier's initialisation and data order in pretraining, and the hea
 and few-shot subset in fine-tuning, for every method alike. ``results.md`` therefore reports, beside
 the mean and standard deviation over seeds, the mean over seeds of the paired difference to ``none``
 (ordinary pretraining) with a 95% confidence interval from the t distribution with n - 1 degrees of
-freedom.
+freedom; its summary table marks the differences that stand at a false-discovery rate of 5% over all of its
+paired t-tests (Benjamini-Hochberg), since some of many 95% intervals exclude 0 by chance.
 
 The output folder holds ``pretrain/<method>__s<seed>__<key>/`` and
 ``finetune/<target>/<method>__s<seed>__<key>/`` run folders, where ``<key>`` is a hash of the run's
@@ -463,6 +464,33 @@ def paired_difference(values: np.ndarray, reference: np.ndarray) -> tuple[float,
     return mean, mean - half, mean + half, n
 
 
+def paired_p_value(values: np.ndarray, reference: np.ndarray) -> float:
+    """Two-sided p-value of the paired t-test of ``values - reference``: the test behind :func:`paired_difference`'s
+    interval (p < 0.05 exactly where the interval excludes 0). A difference without spread gives 0 (1 where it is 0);
+    fewer than two pairs give NaN."""
+    from scipy.stats import ttest_rel
+
+    diff = np.asarray(values, dtype=float) - np.asarray(reference, dtype=float)
+    if len(diff) < 2:
+        return math.nan
+    if np.ptp(diff) == 0:
+        return 0.0 if diff[0] != 0 else 1.0
+    return float(ttest_rel(values, reference).pvalue)
+
+
+def discoveries(p_values: list[float], rate: float = 0.05) -> list[bool]:
+    """Which of a family of tests stand at a false-discovery rate of ``rate`` (Benjamini-Hochberg, over the tests with
+    a p-value; NaN never stands)."""
+    from scipy.stats import false_discovery_control
+
+    tested = [i for i, p in enumerate(p_values) if not math.isnan(p)]
+    stands = [False] * len(p_values)
+    if tested:
+        for i, adjusted in zip(tested, false_discovery_control([p_values[i] for i in tested])):
+            stands[i] = bool(adjusted < rate)
+    return stands
+
+
 def _by(rows: list[dict[str, Any]], method: str, target: str | None, metric: str) -> dict[int, float]:
     """Seed -> value of ``metric`` for ``method`` on ``target`` (heated rows have no target: None)."""
     return {r["seed"]: float(r[metric]) for r in rows
@@ -517,33 +545,45 @@ def summary_markdown(rows: list[dict[str, Any]], heated: list[dict[str, Any]], c
                      targets: tuple[str, ...]) -> str:
     """One table for the whole study: per method, the heated model's shortcut gap and shifted accuracy (clean, and
     perturbed as in training) and the accuracy after fine-tuning on each target, each as the mean over seeds and the
-    paired difference to ``none`` with its 95% t-interval."""
+    paired difference to ``none`` with its 95% t-interval; ``*`` marks the differences that stand when the table's
+    paired t-tests are read as one family (:func:`discoveries`, a false-discovery rate of 5%)."""
     methods = [m for m in cfg.methods if any(r["method"] == m for r in [*rows, *heated])]
     columns: list[tuple[list[dict[str, Any]], str | None, str, str]] = [
         (heated, None, k, name) for k, name in SUMMARY_HEATED.items() if any(k in r for r in heated)]
     columns += [(rows, t, "accuracy", target_label(t)) for t in targets]
     if not columns:
         return ""
+    cells: dict[str, list[str]] = {}
+    p_values: list[float] = []
+    where: list[tuple[str, int]] = []
+    for m in methods:
+        cells[m] = []
+        for table, target, key, _ in columns:
+            val, ref = _by(table, m, target, key), _by(table, BASELINE, target, key)
+            cell = f"{np.mean(list(val.values())):.3f}" if val else ""
+            seeds = sorted(set(val) & set(ref))
+            if val and m != BASELINE and seeds:
+                pairs = [val[s] for s in seeds], [ref[s] for s in seeds]
+                mean, low, high, _ = paired_difference(*pairs)
+                cell += f" ({mean:+.3f}" + ("" if math.isnan(low) else f" [{low:+.3f}, {high:+.3f}]") + ")"
+                p_values.append(paired_p_value(*pairs))
+                where.append((m, len(cells[m])))
+            cells[m].append(cell)
+    for (m, i), stands in zip(where, discoveries(p_values)):
+        cells[m][i] += "*" if stands else ""
+    tested = sum(not math.isnan(p) for p in p_values)
     lines = ["## Summary", "",
              f"Mean over seeds; in brackets the paired difference to `{BASELINE}` (same seed) with its 95% t-interval. "
              "Heated: the pretrained model itself before fine-tuning, on the pretraining task's test split (gap) and "
              "its modality-shifted split (accuracy), on clean inputs and on inputs perturbed as in its training. "
-             "The other columns: accuracy after fine-tuning (or a linear probe) on each target.", "",
+             "The other columns: accuracy after fine-tuning (or a linear probe) on each target."
+             + (f" `*`: the difference stands at a false-discovery rate of 5% over the table's {tested} paired t-tests "
+                "(Benjamini-Hochberg); an interval that excludes 0 without a `*` is p < 0.05 for its cell alone: "
+                f"were every true difference 0, about {0.05 * tested:.0f} of the {tested} intervals would exclude it."
+                if tested
+                else ""), "",
              "| method | " + " | ".join(name for *_, name in columns) + " |", "|---|" + "---|" * len(columns)]
-    for m in methods:
-        cells = []
-        for table, target, key, _ in columns:
-            val, ref = _by(table, m, target, key), _by(table, BASELINE, target, key)
-            if not val:
-                cells.append("")
-                continue
-            cell = f"{np.mean(list(val.values())):.3f}"
-            seeds = sorted(set(val) & set(ref))
-            if m != BASELINE and seeds:
-                mean, low, high, _ = paired_difference([val[s] for s in seeds], [ref[s] for s in seeds])
-                cell += f" ({mean:+.3f}" + ("" if math.isnan(low) else f" [{low:+.3f}, {high:+.3f}]") + ")"
-            cells.append(cell)
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += [f"| {m} | " + " | ".join(cells[m]) + " |" for m in methods]
     return "\n".join(lines + [""])
 
 

@@ -8,9 +8,18 @@ import shutil
 from pathlib import Path
 
 import compare
+import numpy as np
 import pytest
 
-from agents.study import Study, StudyConfig, paired_difference, parse_target
+from agents.study import (
+    Study,
+    StudyConfig,
+    discoveries,
+    paired_difference,
+    paired_p_value,
+    parse_target,
+    summary_markdown,
+)
 from classifiers.finetune import DEFAULT_LR, SCRATCH, Finetuner
 from classifiers.metrics import METRIC_NAMES
 
@@ -139,6 +148,42 @@ def test_paired_difference_by_hand() -> None:
     assert (mean, n) == (2.0, 3) and low == pytest.approx(2 - half) and high == pytest.approx(2 + half)
     mean, low, high, n = paired_difference([0.7], [0.5])
     assert mean == pytest.approx(0.2) and n == 1 and low != low and high != high
+
+
+def test_the_paired_test_agrees_with_the_interval() -> None:
+    # t = 2 / (1 / sqrt 3) with 2 degrees of freedom: two-sided p = 0.0742 (scipy.stats.t.sf(2 * 3**0.5, 2) * 2)
+    assert paired_p_value([1.0, 2.0, 3.0], [0.0, 0.0, 0.0]) == pytest.approx(0.07418, abs=1e-5)
+    assert paired_p_value([0.7], [0.5]) != paired_p_value([0.7], [0.5])  # NaN: one pair
+    assert paired_p_value([0.3, 0.3], [0.1, 0.1]) == 0.0 and paired_p_value([0.1, 0.2], [0.1, 0.2]) == 1.0
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        a, b = rng.normal(size=4), rng.normal(size=4)
+        _, low, high, _ = paired_difference(a, b)
+        assert (paired_p_value(a, b) < 0.05) == (low > 0 or high < 0)
+
+
+def test_a_family_of_tests_keeps_only_what_stands_at_a_false_discovery_rate() -> None:
+    # Benjamini-Hochberg by hand: sorted 0.01, 0.03, 0.04, 0.5 -> 0.04, 0.053, 0.053, 0.5
+    assert discoveries([0.01, 0.04, 0.03, 0.5]) == [True, False, False, False]
+    assert discoveries([0.01, float("nan"), 0.02]) == [True, False, True]  # NaN is no test: two in the family
+    assert discoveries([]) == []
+
+
+def test_the_summary_marks_the_differences_that_stand_over_the_whole_table() -> None:
+    # Seed-paired accuracies: "big" gains 0.1 on every seed (stands), "edge" gains on every seed but little and
+    # unevenly (p = 0.022 alone), and eight methods level with none make the family large enough to drop "edge".
+    seeds = range(4)
+    none = [0.50, 0.60, 0.55, 0.65]
+    methods = {"none": none, "big": [v + 0.1 + 0.01 * s for s, v in zip(seeds, none)],
+               "edge": [v + d for v, d in zip(none, [0.015, 0.03, 0.02, 0.01])]}
+    methods |= {f"null{i}": [v + d for v, d in zip(none, np.roll([0.02, -0.02, 0.01, -0.01], i))] for i in range(8)}
+    rows = [{"method": m, "seed": s, "target": "synthrad", "accuracy": v} for m, vals in methods.items()
+            for s, v in zip(seeds, vals)]
+    assert paired_p_value(methods["edge"], none) < 0.05
+    text = summary_markdown(rows, [], StudyConfig(methods=tuple(methods)), ("synthrad",))
+    cell = dict(line.strip("| ").split(" | ") for line in text.splitlines() if line.startswith("| "))
+    assert cell["big"].endswith(")*") and cell["edge"].endswith(")") and not cell["null0"].endswith("*")
+    assert "over the table's 10 paired t-tests" in text
 
 
 def test_targets_and_methods_are_checked() -> None:
