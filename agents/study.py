@@ -562,7 +562,7 @@ def summary_markdown(rows: list[dict[str, Any]], heated: list[dict[str, Any]], c
             val, ref = _by(table, m, target, key), _by(table, BASELINE, target, key)
             cell = f"{np.mean(list(val.values())):.3f}" if val else ""
             seeds = sorted(set(val) & set(ref))
-            if val and m != BASELINE and seeds:
+            if m != BASELINE and seeds:  # seeds: both have values
                 pairs = [val[s] for s in seeds], [ref[s] for s in seeds]
                 mean, low, high, _ = paired_difference(*pairs)
                 cell += f" ({mean:+.3f}" + ("" if math.isnan(low) else f" [{low:+.3f}, {high:+.3f}]") + ")"
