@@ -29,8 +29,11 @@ The run folder holds ``config.json``, TensorBoard events and ``metrics.jsonl`` (
 ``checkpoint.pt`` / ``checkpoint.prev.pt`` (atomic; every ``ckpt_every`` steps and at every epoch end;
 model, optimiser, data position, RNG states and the metrics.jsonl offset, so a run killed at any point
 and resumed ends with the weights and metrics of an uninterrupted one), ``model.pt`` (the fine-tuned
-classifier in the heated-model format) and ``metrics.json`` (the paper's metrics, on synthrad the shortcut
-metrics, and the confusion matrix on the test split, or the validation split when there is no test split), written last.
+classifier in the heated-model format; ``meta["image_size"]`` is the size of the images it was trained on, which
+``scripts/predict.py`` resizes new images to), the final evaluation's figures ``confusion_matrix.png``,
+``roc_curves.png`` and ``reliability.png`` (also in TensorBoard; :mod:`classifiers.figures`) and ``metrics.json``
+(the paper's metrics, on synthrad the shortcut metrics, the confusion matrix and the expected calibration error
+``ece`` on the test split, or the validation split when there is no test split), written last.
 The final model is the one after the last epoch; no checkpoint is selected on the evaluation split.
 """
 
@@ -43,6 +46,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -52,15 +56,16 @@ from tqdm import tqdm
 from classifiers.checkpoint import open_run, run_rng_state, seed_everything, set_run_rng_state, write_checkpoint
 from classifiers.data import DataSpec, load_dataset, make_loader
 from classifiers.distributed import all_mean, average_buffers, barrier, init_from_env, is_distributed, is_main, rank
+from classifiers.figures import expected_calibration_error, write_figures
 from classifiers.heated import load_heated, save_heated
-from classifiers.metrics import SCALAR_METRICS
+from classifiers.metrics import SCALAR_METRICS, classification_metrics
 from classifiers.models import ARCHITECTURES, LinearProbe, build_classifier, replace_head
 from classifiers.runlog import RunLogger, ScalarWindow, Throughput, hparams_table, write_json
 from classifiers.train import (
     DevicePolicy,
     Normalizer,
     check_precision,
-    evaluate,
+    predict,
     resolve_device,
     supervised_step,
     with_saved_precision,
@@ -338,13 +343,16 @@ class Finetuner:
             self.pbar.set_postfix(loss=f"{means['train/loss']:.3f}", acc=f"{means['train/accuracy']:.3f}")
         self.window.reset()
 
-    def evaluate_split(self, split: str) -> dict[str, Any]:
-        """The paper's metrics on ``split`` (main process only), logged under ``<split>/``."""
+    def evaluate_split(self, split: str, log: bool = True) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+        """The paper's metrics on ``split`` (main process only), logged under ``<split>/`` unless ``log`` is False,
+        with the labels and predicted probabilities they come from."""
         loader = self.val_loader if split == "val" else self.eval_loader
-        metrics = evaluate(self.model, loader, self.dev, self.normalizer, self.data.in_preferred_modality(split))
-        self.logger.scalars(self.global_step, {f"{split}/{k}": float(metrics[k]) for k in SCALAR_METRICS
-                                               if k in metrics})
-        return metrics
+        probs, labels, loss = predict(self.model, loader, self.dev, self.normalizer)
+        metrics = {"loss": loss, **classification_metrics(labels, probs, self.data.in_preferred_modality(split))}
+        if log:
+            self.logger.scalars(self.global_step, {f"{split}/{k}": float(metrics[k]) for k in SCALAR_METRICS
+                                                   if k in metrics})
+        return metrics, labels, probs
 
     def save_checkpoint(self) -> None:
         """Write ``checkpoint.pt`` atomically (the previous one is kept as ``checkpoint.prev.pt``)."""
@@ -393,18 +401,18 @@ class Finetuner:
         return self.run_dir
 
     def finish(self) -> None:
-        """Evaluate on the test split (val when there is none; its scalars were logged at the last epoch end)."""
-        if self.eval_split == "val":
-            metrics = evaluate(self.model, self.val_loader, self.dev, self.normalizer,
-                               self.data.in_preferred_modality("val"))
-        else:
-            metrics = self.evaluate_split(self.eval_split)
+        """Evaluate on the test split (val when there is none; its scalars were logged at the last epoch end); write
+        the model, the evaluation's figures (:mod:`classifiers.figures`) and, last, ``metrics.json``."""
+        metrics, labels, probs = self.evaluate_split(self.eval_split, log=self.eval_split != "val")
         save_heated(self.run_dir / "model.pt", self.model, self.arch, self.data.num_classes, self.data.in_channels,
                     self.arch_image_size, self.data.class_names,
                     meta={"init": self.cfg.init, "dataset": self.cfg.dataset, "steps": self.global_step,
                           "image_size": self.data.image_size})
+        write_figures(self.run_dir, labels, probs, self.data.class_names, self.logger, self.global_step,
+                      self.eval_split)
         write_json(self.run_dir / "metrics.json", {
-            **metrics, "split": self.eval_split, "num_images": len(self.data.splits[self.eval_split]),
+            **metrics, "ece": expected_calibration_error(labels, probs), "split": self.eval_split,
+            "num_images": len(self.data.splits[self.eval_split]),
             "class_names": self.data.class_names, "head": self.head, "init": self.cfg.init,
             "dataset": self.data.name, "train_images": len(self.data.splits["train"]), "steps": self.global_step,
         })

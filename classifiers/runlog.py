@@ -8,13 +8,16 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 
 from classifiers.io import atomic_write
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -147,6 +150,11 @@ class RunLogger:
         """A grid of images (N, C, H, W) with values in [0, 1]."""
         if self.enabled:
             self.writer.add_image(tag, make_grid(batch.detach().float().cpu().clamp(0, 1), nrow=nrow, padding=1), step)
+
+    def figure(self, step: int, tag: str, fig: Figure) -> None:
+        """A matplotlib figure, drawn as an image (the figure stays open: its owner may also save it)."""
+        if self.enabled:
+            self.writer.add_figure(tag, fig, step, close=False)
 
     def histogram(self, step: int, tag: str, values: torch.Tensor) -> None:
         if self.enabled:
