@@ -9,8 +9,9 @@
 
 The images are converted to the heated model's channel count and (unless --image-size says otherwise) size.
 --classifier and --channels are for --init scratch (--image-size default: the data's own). The run folder
-gets model.pt and metrics.json (test split, val when there is none). Resume an interrupted run by
-repeating its command with --resume.
+gets model.pt (scripts/predict.py applies it to new images), metrics.json and the confusion matrix, ROC curves and
+reliability diagram as PNGs (test split, val when there is none). Resume an interrupted run by repeating its command
+with --resume.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import sys
 
 from classifiers.cli import add_common_arguments, fail_cleanly
 from classifiers.distributed import is_main
+from classifiers.figures import FIGURES
 from classifiers.finetune import DEFAULT_LR, PAPER_LR, SCHEDULES, FinetuneConfig, finetune
 from classifiers.metrics import METRIC_NAMES
 from classifiers.models import ARCHITECTURES
@@ -71,8 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     metrics = json.loads((run_dir / "metrics.json").read_text())
     print(f"{metrics['split']} split ({metrics['num_images']} images, head {metrics['head']}): "
-          + ", ".join(f"{k} {metrics[k]:.4f}" for k in METRIC_NAMES))
-    print(f"run folder: {run_dir}\nmodel: {run_dir / 'model.pt'}\nmetrics: {run_dir / 'metrics.json'}\n"
+          + ", ".join(f"{k} {metrics[k]:.4f}" for k in (*METRIC_NAMES, "ece")))
+    print(f"run folder: {run_dir}\nmodel: {run_dir / 'model.pt'} (new images: scripts/predict.py --model "
+          f"{run_dir / 'model.pt'} --images DIR)\nmetrics: {run_dir / 'metrics.json'}\n"
+          f"figures: {', '.join(str(run_dir / f'{name}.png') for name in FIGURES)}\n"
           f"TensorBoard: tensorboard --logdir {run_dir.parent}")
     return 0
 
