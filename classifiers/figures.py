@@ -16,6 +16,7 @@ prediction is right. :func:`expected_calibration_error` is the count-weighted me
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,6 +33,8 @@ ECE_BINS = 15
 """Equal-width bins over the top-class confidence for the ECE and the reliability diagram (Guo et al.'s 15)."""
 VALUES_UP_TO = 20
 """The confusion matrix prints its counts in the cells up to this many classes; beyond, the colours alone are read."""
+LEGEND_ROWS = 30
+"""Entries per column of the ROC figure's legend (one per class, and the chance line)."""
 FIGURES = ("confusion_matrix", "roc_curves", "reliability")
 """The figures :func:`write_figures` writes: ``<name>.png`` in the folder, ``<split>/<name>`` in TensorBoard."""
 
@@ -78,19 +81,22 @@ def roc_figure(labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str]
     """One-vs-rest ROC curve of every class present among ``labels`` alongside others (scikit-learn's
     ``RocCurveDisplay``, which names each with its AUC); a class with no image, or only images, has no curve."""
     labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
-    fig = Figure(figsize=(8.5, 6.0), layout="constrained")
-    ax = fig.subplots()
     shown = [c for c in range(len(class_names)) if 0 < (labels == c).sum() < len(labels)]
+    columns = math.ceil((len(shown) + 1) / LEGEND_ROWS)
+    # inches: the square plot with its labels, and per legend column a line, the name and its " (AUC = 0.00)"
+    column = 0.6 + 0.07 * (max((len(class_names[c]) for c in shown), default=6) + 14)
+    fig = Figure(figsize=(7.0 + column * columns, 6.0), layout="constrained")
+    ax = fig.subplots()
     for c in shown:
         RocCurveDisplay.from_predictions(labels == c, probs[:, c], name=class_names[c], ax=ax)
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="chance")
-    ax.set_xlabel("false positive rate")
-    ax.set_ylabel("true positive rate")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate")
     missing = len(class_names) - len(shown)
     ax.set_title("ROC curves, each class against the rest" + (f" ({missing} classes without a curve: no image of "
                                                                 "the class, or only such images)" if missing else ""))
-    ax.get_legend().remove()
-    fig.legend(loc="outside right center", fontsize="small", ncols=1 + len(shown) // 30)
+    if ax.get_legend() is not None:  # scikit-learn's, inside the axes: the figure's goes beside them
+        ax.get_legend().remove()
+    fig.legend(loc="outside right center", fontsize="small", ncols=columns)
     return fig
 
 

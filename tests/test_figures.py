@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
 
-from classifiers.figures import FIGURES, confusion_matrix_figure, expected_calibration_error, roc_figure
+from classifiers.figures import (
+    FIGURES,
+    confusion_matrix_figure,
+    expected_calibration_error,
+    roc_figure,
+    write_figures,
+)
 from classifiers.finetune import FinetuneConfig, finetune
 
 
@@ -33,6 +39,12 @@ def test_figures_name_the_classes() -> None:
     assert [t.get_text() for t in ax.get_yticklabels()] == names
     legend = [t.get_text() for t in roc_figure(labels, probs, names).legends[0].get_texts()]
     assert [t.split(" (AUC")[0] for t in legend] == ["brain-none", "brain-nodule", "chance"]
+
+
+def test_a_split_of_one_class_gets_its_figures(tmp_path: Path) -> None:
+    probs = np.random.default_rng(0).dirichlet(np.ones(3), 4)
+    paths = write_figures(tmp_path, np.zeros(4, dtype=np.int64), probs, ["a", "b", "c"])
+    assert [p.name for p in paths] == [f"{name}.png" for name in FIGURES] and all(p.is_file() for p in paths)
 
 
 def test_finetuning_writes_the_figures_and_the_ece(tmp_path: Path) -> None:
