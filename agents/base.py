@@ -62,6 +62,13 @@ class Agent:
         it on a fixed probe batch to log what the policy learned (``agents.diagnostics``)."""
         return None
 
+    def mask_policy(self, images: torch.Tensor) -> Beta | torch.Tensor | None:
+        """What the diagnostics read (``agents.diagnostics``): :meth:`mask_distribution` where there is one. An agent
+        whose grids are not drawn from a Beta (``saliency-mask``'s come from the classifier) overrides it to return
+        its expected grid (B, G, G), without gradient and without changing any state, so its masks get the same
+        diagnostics; None for an agent that draws no mask."""
+        return self.mask_distribution(images)
+
     def evaluation_action(self, images: torch.Tensor) -> Action:
         """The perturbation the agent applies in training, for evaluating a model on inputs like its training
         inputs, without learning or side effects: a grid sampled from :meth:`mask_distribution` where there is

@@ -1,5 +1,6 @@
 """Non-learned agents: plain training (also at a scaled loss), a fixed Beta(1, 1) blurred mask, additive
-Gaussian noise, and the augmentations a practitioner would reach for instead of a learned mask (torchvision's
+Gaussian noise, a mask that hides what the current classifier looks at (``saliency-mask``), and the augmentations a
+practitioner would reach for instead of a learned mask (torchvision's
 ``RandomErasing`` and ``TrivialAugmentWide``)."""
 
 from __future__ import annotations
@@ -151,3 +152,61 @@ class TrivialAugment(Augmentation):
 
     def __init__(self) -> None:
         self.transform = v2.TrivialAugmentWide()
+
+
+class SaliencyMask(Agent):
+    """Hide what the current classifier looks at: the cells of largest input-gradient saliency get 0, the others 1, so
+    the mask keeps the environment's budget (MaskTune's masking of what the trained model uses, Asgari et al. 2022,
+    here at every step). The non-learned anchor that knows the model: a learned policy must beat it to earn its cost.
+
+    Saliency is ``|d log p_c / d x|`` of the classifier's predicted class ``c`` on the clean normalised image, in eval
+    mode (running statistics, nothing updated), summed over channels and averaged over each grid cell. The predicted
+    class, not the label, so that the same mask serves training, evaluation and the diagnostics' probe alike.
+
+    Args:
+        budget: the share of cells kept (1); the rest, the most salient, get 0. None: the environment's mask budget.
+    """
+
+    name = "saliency-mask"
+
+    def __init__(self, budget: float | None = None) -> None:
+        if budget is not None and not 0.0 < budget < 1.0:
+            raise ValueError(f"saliency-mask budget {budget} must lie strictly between 0 and 1 (the share of cells "
+                             "kept); leave it unset to use the environment's mask budget")
+        self.budget = budget
+
+    def bind(self, core: PretrainCore, total_steps: int) -> None:
+        super().bind(core, total_steps)
+        budget = self.budget if self.budget is not None else core.cfg.mask_budget
+        if budget is None:
+            raise ValueError("saliency-mask needs a budget: use --algo saliency-mask as registered (mask budget 0.5) "
+                             "or set --mask-budget")
+        self.kept = budget
+
+    def saliency(self, images: torch.Tensor) -> torch.Tensor:
+        """Each grid cell's mean input-gradient saliency (B, G, G) of the classifier's predicted class."""
+        core = self.core
+        model = core.classifier
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.enable_grad():
+                x = core.inputs(images).detach().requires_grad_(True)
+                log_p = model(x).float().log_softmax(1)
+                score = log_p.gather(1, log_p.argmax(1, keepdim=True)).sum()
+                (grad,) = torch.autograd.grad(score, x)
+        finally:
+            model.train(was_training)
+        g = core.cfg.grid
+        return torch.nn.functional.adaptive_avg_pool2d(grad.abs().sum(1, keepdim=True), g)[:, 0]
+
+    def mask_policy(self, images: torch.Tensor) -> torch.Tensor:
+        """The grid :meth:`act` applies to ``images`` (deterministic, so it is its own expectation)."""
+        saliency = self.saliency(images).flatten(1)
+        hidden = round((1.0 - self.kept) * saliency.shape[1])
+        grid = torch.ones_like(saliency)
+        grid.scatter_(1, saliency.topk(hidden, dim=1).indices, 0.0)
+        return grid.view(-1, self.core.cfg.grid, self.core.cfg.grid)
+
+    def act(self, images: torch.Tensor) -> Action:
+        return Action(grid=self.mask_policy(images))

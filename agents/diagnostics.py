@@ -16,13 +16,20 @@ With ``mu[i, c] = alpha / (alpha + beta)``, the mean mask value of image ``i``'s
   cells): 0 for a policy that ignores the image, which drift alone leaves at exactly 0 when the head ignores
   the image.
 - ``cell_spread``: the spread across cells of the image-averaged ``mu`` (a fixed spatial pattern).
-- Where the data knows each pixel's region (synthrad: background, anatomy, lesion), the *expected* mask
+- Where the data knows each pixel's region (synthrad: background, anatomy, lesion, marker), the *expected* mask
   (the blurred upsampled ``mu``: masks are linear in the grid) averaged over each region's pixels,
   ``mask_on_background``, ``mask_on_anatomy``, ``mask_on_lesion``; ``content_gap``, its mean on anatomy and
   lesion pixels minus its mean on the background (negative: the content is dimmed more than the background);
   ``content_gap_mean_mask``, the same for the image-averaged mask laid on every image (what a fixed pattern,
   such as a dark centre, explains); and ``content_gap_image_specific``, the difference: the part of the gap
   that only a mask following each image's content gives.
+- Where the images carry a marker (synthrad's marker shortcut), ``mask_on_marker`` and ``marker_gap``, the expected mask
+  on the marker's pixels minus its mean on every other pixel (negative: the marker is hidden more than the rest);
+  ``marker_gap_mean_mask`` and ``marker_gap_image_specific`` split it as for the content. The marker sits at a
+  different corner per image, so hiding it takes an image-specific mask.
+
+An agent whose masks are not drawn from a Beta (``saliency-mask``) has only an expected grid
+(``Agent.expected_grid``): it gets the statistics of ``mu`` and the regions, not the KL divergences.
 
 The runner also logs :func:`mean_mask_per_class`, the expected mask averaged over each class's probe images.
 """
@@ -36,6 +43,7 @@ import torch
 from torch.distributions import Beta, kl_divergence
 
 from classifiers.data import DataSpec, ImageDataset
+from classifiers.synthrad import REGIONS
 from envs.masks import NoiseMask
 
 PROBE_SIZE = 64
@@ -77,12 +85,24 @@ def _region_mean(masks: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
 GridMap = Callable[[torch.Tensor], torch.Tensor]
 
 
-def policy_diagnostics(dist: Beta, probe: Probe, mask: NoiseMask, initial: Beta | None = None,
+def _split_gap(expected: torch.Tensor, inside: torch.Tensor, outside: torch.Tensor, name: str
+               ) -> dict[str, torch.Tensor]:
+    """``<name>``: the expected mask's mean inside minus outside; ``<name>_mean_mask``: the same for the image-averaged
+    mask laid on every image; ``<name>_image_specific``: the difference."""
+    gap = _region_mean(expected, inside) - _region_mean(expected, outside)
+    fixed = expected.mean(0, keepdim=True)
+    gap_fixed = _region_mean(fixed, inside) - _region_mean(fixed, outside)
+    return {f"diagnostics/{name}": gap, f"diagnostics/{name}_mean_mask": gap_fixed,
+            f"diagnostics/{name}_image_specific": gap - gap_fixed}
+
+
+def policy_diagnostics(policy: Beta | torch.Tensor, probe: Probe, mask: NoiseMask, initial: Beta | None = None,
                        applied: GridMap | None = None) -> dict[str, torch.Tensor]:
-    """The statistics of the module docstring for a policy's Beta on the probe images, as 0-d tensors.
+    """The statistics of the module docstring for a policy on the probe images, as 0-d tensors.
 
     Args:
-        dist: per-cell Beta with batch shape (P, G, G) for ``probe.images``.
+        policy: the per-cell Beta with batch shape (P, G, G) for ``probe.images``, or for masks not drawn from a Beta
+            their expected grid (P, G, G) (the KL divergences are then left out).
         probe: the probe batch.
         mask: the environment's grid-to-mask operator (for the expected masks).
         initial: the policy's Beta on the same images at step 0 (None: ``kl_initial`` is left out).
@@ -90,38 +110,42 @@ def policy_diagnostics(dist: Beta, probe: Probe, mask: NoiseMask, initial: Beta 
             the expected masks (None: nothing). Held at a budget, the mask is no longer linear in the grid, so the
             expected mask is then that of the mean grid, an approximation.
     """
-    alpha, beta = dist.concentration1.float(), dist.concentration0.float()
-    current = Beta(alpha, beta)
-    mu = current.mean
+    dist = policy if isinstance(policy, Beta) else None
+    mu = (dist.mean if dist is not None else policy).float()
     out = {
-        "diagnostics/kl_uniform": kl_divergence(current, Beta(torch.ones_like(alpha), torch.ones_like(beta))).mean(),
         "diagnostics/mask_mean": mu.mean(),
         "diagnostics/image_spread": mu.std(0, correction=0).mean(),
         "diagnostics/cell_spread": mu.mean(0).std(correction=0),
     }
-    if initial is not None:
-        start = Beta(initial.concentration1.float(), initial.concentration0.float())
-        out["diagnostics/kl_initial"] = kl_divergence(current, start).mean()
+    if dist is not None:
+        current = Beta(dist.concentration1.float(), dist.concentration0.float())
+        uniform = Beta(torch.ones_like(current.concentration1), torch.ones_like(current.concentration0))
+        out["diagnostics/kl_uniform"] = kl_divergence(current, uniform).mean()
+        if initial is not None:
+            start = Beta(initial.concentration1.float(), initial.concentration0.float())
+            out["diagnostics/kl_initial"] = kl_divergence(current, start).mean()
     if probe.regions is not None:
         expected = mask(applied(mu) if applied is not None else mu)[:, 0]
-        content, background = probe.regions > 0, probe.regions == 0
+        regions = probe.regions
+        background = regions == 0
         out |= {
             "diagnostics/mask_on_background": _region_mean(expected, background),
-            "diagnostics/mask_on_anatomy": _region_mean(expected, probe.regions == 1),
-            "diagnostics/mask_on_lesion": _region_mean(expected, probe.regions == 2),
+            "diagnostics/mask_on_anatomy": _region_mean(expected, regions == 1),
+            "diagnostics/mask_on_lesion": _region_mean(expected, regions == 2),
         }
-        gap = _region_mean(expected, content) - out["diagnostics/mask_on_background"]
-        fixed = expected.mean(0, keepdim=True)
-        gap_fixed = _region_mean(fixed, content) - _region_mean(fixed, background)
-        out |= {"diagnostics/content_gap": gap, "diagnostics/content_gap_mean_mask": gap_fixed,
-                "diagnostics/content_gap_image_specific": gap - gap_fixed}
+        out |= _split_gap(expected, (regions == 1) | (regions == 2), background, "content_gap")
+        marker = regions == REGIONS.index("marker")
+        if marker.any():
+            out["diagnostics/mask_on_marker"] = _region_mean(expected, marker)
+            out |= _split_gap(expected, marker, ~marker, "marker_gap")
     return out
 
 
-def mean_mask_per_class(dist: Beta, probe: Probe, mask: NoiseMask, applied: GridMap | None = None) -> torch.Tensor:
+def mean_mask_per_class(policy: Beta | torch.Tensor, probe: Probe, mask: NoiseMask, applied: GridMap | None = None
+                        ) -> torch.Tensor:
     """The expected mask averaged over each class's probe images, (K, 1, H, W); zeros for a class with none
-    (``applied`` as in :func:`policy_diagnostics`)."""
-    mu = dist.mean.float()
+    (``policy`` and ``applied`` as in :func:`policy_diagnostics`)."""
+    mu = (policy.mean if isinstance(policy, Beta) else policy).float()
     expected = mask(applied(mu) if applied is not None else mu)
     out = expected.new_zeros(probe.num_classes, *expected.shape[1:])
     counts = torch.bincount(probe.labels, minlength=probe.num_classes).clamp_min(1).to(expected.dtype)

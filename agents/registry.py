@@ -9,7 +9,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from agents.base import Agent
-from agents.baselines import GaussianNoise, NoMask, RandomErasing, ScaledNoMask, TrivialAugment, UniformMask
+from agents.baselines import (
+    GaussianNoise,
+    NoMask,
+    RandomErasing,
+    SaliencyMask,
+    ScaledNoMask,
+    TrivialAugment,
+    UniformMask,
+)
 from agents.reinforce import Reinforce, ReinforceConfig
 from envs.core import EnvConfig
 
@@ -60,11 +68,19 @@ BUDGETED_ENV = {"reward": "adversarial", "mask_budget": 0.5, "reward_forward": "
 for what it hides from the classifier, read from an eval-mode forward (free of the BatchNorm coupling between images)
 as the change from the same image under the constant mask at the budget (see docs/budget-notes.md)."""
 _REINFORCE_OPTIONS = tuple(f.name for f in dataclasses.fields(ReinforceConfig))
+BUDGETED_DEFAULTS = {"param": "softplus", "budget_concentration": 2.0, "policy_lr": 0.03, "normalize_advantage": True}
+"""The budgeted policy's options: cell means held at the budget, each cell's Beta at concentration 2."""
 register("none", NoMask, (), "plain training, no mask")
 register("none-scaled", ScaledNoMask, ("loss_scale",),
          "plain training with the classifier's loss times loss_scale (default log(G*G)): the control for "
          "reinforce-official-scaled's larger step")
 register("uniform-mask", UniformMask, ("alpha", "beta"), "fixed Beta(1, 1) blurred mask (non-learned)")
+register("uniform-blend", UniformMask, ("alpha", "beta"),
+         "fixed Beta(1, 1) blurred field blending each image with a restyled copy of itself (the blend operator's "
+         "non-learned control)", env={"mask_op": "blend"})
+register("saliency-mask", SaliencyMask, (),
+         "hide the cells the current classifier's input gradient marks most (the top half at the budget of 0.5): the "
+         "non-learned anchor that knows the model", env={"mask_budget": 0.5})
 register("gaussian-noise", GaussianNoise, ("noise_std",), "additive Gaussian noise on the normalised image")
 register("random-erasing", RandomErasing, ("erase_p", "erase_scale"),
          "torchvision's RandomErasing per image (occlusion without learning)")
@@ -82,7 +98,17 @@ register("reinforce-budget", Reinforce, _REINFORCE_OPTIONS,
          "our REINFORCE deciding where the noise goes: each mask held at a budget (mean 0.5), rewarded by the "
          "classifier's cross-entropy (adversarial); the policy sets cell means held at the budget, each cell's Beta at "
          "concentration 2 (Beta(1, 1) at an even spread)", env=BUDGETED_ENV,
-         defaults={"param": "softplus", "budget_concentration": 2.0, "policy_lr": 0.03, "normalize_advantage": True})
+         defaults=BUDGETED_DEFAULTS)
+LFF_ENV = BUDGETED_ENV | {"reward": "biased"}
+"""The shortcut-aimed objective: the budgeted one, rewarded by what a biased classifier (generalised cross-entropy,
+Learning from Failure) loses on the masked image (``envs.core.EnvConfig.reward``)."""
+register("reinforce-lff", Reinforce, _REINFORCE_OPTIONS,
+         "our budgeted REINFORCE aimed at the shortcut: rewarded for hiding what a biased classifier (trained "
+         "alongside with the generalised cross-entropy, as in Learning from Failure) reads", env=LFF_ENV,
+         defaults=BUDGETED_DEFAULTS)
+register("reinforce-lff-blend", Reinforce, _REINFORCE_OPTIONS,
+         "reinforce-lff with the blend operator: the policy chooses where each image's style is replaced by a random "
+         "restyling", env=LFF_ENV | {"mask_op": "blend"}, defaults=BUDGETED_DEFAULTS)
 for _module in ("agents.sb3",):
     try:
         importlib.import_module(_module)

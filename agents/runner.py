@@ -190,14 +190,14 @@ class PretrainRunner:
         """The policy diagnostics (``agents.diagnostics``) on the probe batch now; empty without a mask policy."""
         if self.probe is None:
             return {}
-        dist = self.agent.mask_distribution(self.probe.images)
-        if dist is None:
+        policy = self.agent.mask_policy(self.probe.images)
+        if policy is None:
             return {}
         initial = None
         if self.initial_policy is not None:
             device = self.core.dev.device
             initial = Beta(self.initial_policy[0].to(device), self.initial_policy[1].to(device))
-        return policy_diagnostics(dist, self.probe, self.core.mask, initial, self.core.applied_grid)
+        return policy_diagnostics(policy, self.probe, self.core.mask, initial, self.core.applied_grid)
 
     def done(self) -> bool:
         return self.core.global_step >= self.total_steps
@@ -215,6 +215,8 @@ class PretrainRunner:
                   "reward/mean": result.reward.mean(), "reward/std": result.reward.std(correction=0), **scalars}
         if grid is not None:
             values |= {"mask/mean": grid.mean(), "mask/std": grid.std()}
+        if result.biased_loss is not None:
+            values |= {"biased/loss": result.biased_loss.mean(), "biased/accuracy": result.biased_correct.mean()}
         self.window.add(values)
         if self.pbar is not None:
             self.pbar.update(1)
@@ -264,15 +266,15 @@ class PretrainRunner:
         self.logger.images(step, "images/mask", mask)
         self.logger.images(step, "images/masked", (clean * mask)[:, :3])
         self.logger.histogram(step, "mask/values", grid)
-        dist = self.agent.mask_distribution(self.probe.images) if self.probe is not None else None
-        if dist is not None:
-            per_class = mean_mask_per_class(dist, self.probe, self.core.mask, self.core.applied_grid)
+        policy = self.agent.mask_policy(self.probe.images) if self.probe is not None else None
+        if policy is not None:
+            per_class = mean_mask_per_class(policy, self.probe, self.core.mask, self.core.applied_grid)
             self.logger.images(step, "images/mean_mask_per_class", per_class, nrow=min(6, len(per_class)))
 
     def _evaluate(self, step: int) -> None:
         if self.main:
             metrics = evaluate(self.core.classifier, self.val_loader, self.core.dev, self.core.normalizer,
-                               self.core.data.in_preferred_modality("val"))
+                               self.core.data.shortcut_agreement("val"))
             self.last_val = {f"val/{k}": float(metrics[k]) for k in SCALAR_METRICS if k in metrics}
             self.logger.scalars(step, self.last_val)
         barrier()
@@ -288,9 +290,9 @@ class PretrainRunner:
         random streams are left alone)."""
         core = self.core
         loader = make_loader(core.data, split, self.cfg.eval_batch_size, train=False)
-        preferred = core.data.in_preferred_modality(split)
+        agreement = core.data.shortcut_agreement(split)
         if not perturbed:
-            return evaluate(core.classifier, loader, core.dev, core.normalizer, preferred)
+            return evaluate(core.classifier, loader, core.dev, core.normalizer, agreement)
 
         def inputs(images: torch.Tensor) -> torch.Tensor:
             action = self.agent.evaluation_action(images)
@@ -299,7 +301,7 @@ class PretrainRunner:
         devices = [core.dev.device] if core.dev.cuda else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.cfg.env.seed)
-            return evaluate(core.classifier, loader, core.dev, inputs, preferred)
+            return evaluate(core.classifier, loader, core.dev, inputs, agreement)
 
     def _report_heated(self) -> None:
         """Log the heated model's own figures and the final diagnostics; write ``heated_metrics.json``."""

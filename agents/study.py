@@ -50,8 +50,9 @@ import torch
 from agents.registry import AGENTS, algo_names, make_agent
 from agents.runner import PretrainConfig, pretrain
 from classifiers.finetune import DEFAULT_LR, RESUME_FREE, SCRATCH, FinetuneConfig, finetune
-from classifiers.metrics import METRIC_NAMES, SHORTCUT_NAMES
+from classifiers.metrics import GROUP_NAMES, MARKER_NAMES, METRIC_NAMES, SHORTCUT_NAMES, WORST_GROUP
 from classifiers.runlog import write_json
+from classifiers.synthrad import TASKS
 from classifiers.train import resolve_device, resolve_precision
 from envs.core import EnvConfig
 
@@ -157,10 +158,8 @@ class StudyConfig:
         query = f"?{options}" if options else ""
         unseen, shifted = "synthrad:unseen" + query, "synthrad:shifted" + query
         targets = (self.pretrain_dataset, shifted, unseen, f"{unseen}@{self.fewshot_k}", LINEAR + shifted)
-        bias = _bias_option(self.pretrain_dataset)
-        if bias is not None and math.isclose(float(bias), BALANCED_BIAS, abs_tol=1e-3):
-            return targets  # pretrained on balanced data already: the pretraining task is the balanced target
-        return (*targets, with_synthrad_option(self.pretrain_dataset, "modality_bias", BALANCED_BIAS))
+        balanced = balanced_target(self.pretrain_dataset)
+        return targets if balanced == self.pretrain_dataset else (*targets, balanced)
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the value and the fix before any run starts."""
@@ -241,18 +240,44 @@ def parse_target(target: str) -> tuple[str, int | None]:
     return dataset, int(k)
 
 
+def _option(dataset: str, key: str) -> str | None:
+    """The generator option ``key`` of a dataset specification, if it sets one."""
+    options = dict(o.partition("=")[::2] for o in dataset.partition("?")[2].split("&") if o)
+    return options.get(key)
+
+
 def _bias_option(dataset: str) -> str | None:
     """The ``modality_bias`` option of a dataset specification, if it sets one (it changes the task's data)."""
-    options = dict(o.partition("=")[::2] for o in dataset.partition("?")[2].split("&") if o)
-    return options.get("modality_bias")
+    return _option(dataset, "modality_bias")
+
+
+LABELLED_OPTIONS = ("shortcut", "modality_bias", "marker_bias")
+"""The generator options a target's label names: they change what the task's shortcut is."""
 
 
 def target_label(target: str) -> str:
-    """A short, readable name for a target: the dataset without its options (but its modality bias), and K."""
+    """A short, readable name for a target: the dataset without its options (but its shortcut and biases), and K."""
     dataset, k = parse_target(target)
-    bias = _bias_option(dataset)
-    return (dataset.split("?")[0] + (f" (modality_bias {bias})" if bias else "") + (f" (K={k})" if k else "")
+    named = [f"{key} {_option(dataset, key)}" for key in LABELLED_OPTIONS if _option(dataset, key) is not None]
+    return (dataset.split("?")[0] + (f" ({', '.join(named)})" if named else "") + (f" (K={k})" if k else "")
             + (", linear probe" if is_linear(target) else ""))
+
+
+def balanced_target(dataset: str) -> str:
+    """A synthrad dataset with its shortcuts made uninformative: ``modality_bias`` 1/3 and, with a marker,
+    ``marker_bias`` 1 / classes (the marker spells a random class); ``dataset`` itself when it is balanced already."""
+    balanced = dataset
+    bias = _bias_option(dataset)
+    if bias is None or not math.isclose(float(bias), BALANCED_BIAS, abs_tol=1e-3):
+        balanced = with_synthrad_option(balanced, "modality_bias", BALANCED_BIAS)
+    if _option(dataset, "shortcut") in ("marker", "both"):
+        task = dataset.split("?")[0].partition(":")[2] or "pretrain"
+        spec = TASKS["pretrain" if task == "shifted" else task]
+        chance = round(1 / (len(spec["anatomies"]) * len(spec["lesions"])), 4)
+        marker = _option(dataset, "marker_bias")
+        if marker is None or not math.isclose(float(marker), chance, abs_tol=1e-3):
+            balanced = with_synthrad_option(balanced, "marker_bias", chance)
+    return balanced
 
 
 def target_folder(target: str) -> str:
@@ -408,7 +433,7 @@ class Study:
             m = json.loads((Path(r.run_dir) / "metrics.json").read_text())
             pre = "" if r.method == SCRATCH else str(self.pretrain_dir(r.method, r.seed))
             rows.append({"method": r.method, "seed": r.seed, "target": r.target,
-                         **{k: m[k] for k in (*METRIC_NAMES, *SHORTCUT_NAMES) if k in m}, "loss": m["loss"],
+                         **{k: m[k] for k in (*METRIC_NAMES, *GROUP_NAMES) if k in m}, "loss": m["loss"],
                          "split": m["split"],
                          "head": m["head"], "train_images": m["train_images"], "steps": m["steps"],
                          "pretrain_dir": pre, "finetune_dir": r.run_dir})
@@ -536,7 +561,9 @@ def _tables(rows: list[dict[str, Any]], methods: list[str], target: str | None, 
     return lines
 
 
-SUMMARY_HEATED = {"heated/test/shortcut_gap": "heated: gap", "heated/shifted/accuracy": "heated: shifted acc.",
+SUMMARY_HEATED = {"heated/test/shortcut_gap": "heated: gap", "heated/test/marker_gap": "heated: marker gap",
+                  f"heated/test/{WORST_GROUP}": "heated: worst group",
+                  "heated/shifted/accuracy": "heated: shifted acc.",
                   "heated/shifted_perturbed/accuracy": "heated: shifted acc., perturbed"}
 """The heated-model figures in the summary table, with their headings."""
 
@@ -614,10 +641,17 @@ def results_markdown(rows: list[dict[str, Any]], cfg: StudyConfig, targets: tupl
         lines += ["`shortcut_gap`: accuracy on images shown in their class's preferred modality minus accuracy on "
                   "the others (synthrad targets only; near 0 for a classifier that reads the content, not the "
                   "modality).", ""]
+    if any("marker_gap" in r for r in rows):
+        lines += ["`marker_gap`: accuracy on images whose marker spells their class minus accuracy on the others "
+                  "(synthrad's marker shortcut).", ""]
+    if any(WORST_GROUP in r for r in rows):
+        lines += [f"`{WORST_GROUP}`: the lowest accuracy over the groups of images that agree or conflict alike with "
+                  "every shortcut of the target (with one shortcut: the shortcut-conflicting images).", ""]
     for target in targets:
         columns = list(METRIC_NAMES)
-        if any(r["target"] == target and "shortcut_gap" in r for r in rows):
-            columns += list(SHORTCUT_NAMES)
+        for names in (SHORTCUT_NAMES, MARKER_NAMES, (WORST_GROUP,)):
+            if any(r["target"] == target and names[-1] in r for r in rows):
+                columns += list(names)
         lines += [f"## {target_label(target)}", "", f"`{target}`", ""]
         lines += _tables(rows, methods, target, columns)
     if n < 2:
@@ -625,12 +659,14 @@ def results_markdown(rows: list[dict[str, Any]], cfg: StudyConfig, targets: tupl
     return "\n".join(lines)
 
 
-HEATED_COLUMNS = {"accuracy": "accuracy", "shortcut_gap": "gap", "accuracy_other": "acc. other modalities"}
+HEATED_COLUMNS = {"accuracy": "accuracy", "shortcut_gap": "gap", "accuracy_other": "acc. other modalities",
+                  "marker_gap": "marker gap", WORST_GROUP: "worst group"}
 """The heated model's figures shown per split, with their headings."""
 DIAGNOSTIC_COLUMNS = {
     "mask_mean": "mask mean", "kl_uniform": "KL to Beta(1,1)", "kl_initial": "KL to step 0",
     "image_spread": "spread over images", "cell_spread": "spread over cells", "content_gap": "content gap",
-    "content_gap_image_specific": "image-specific content gap",
+    "content_gap_image_specific": "image-specific content gap", "marker_gap": "marker gap",
+    "marker_gap_image_specific": "image-specific marker gap",
 }
 """The policy diagnostics shown at the end of pretraining (``agents.diagnostics``), with their headings."""
 
@@ -660,13 +696,14 @@ def heated_markdown(rows: list[dict[str, Any]], cfg: StudyConfig) -> str:
     learned = [m for m in methods if any(f"diagnostics/{k}" in r for r in rows if r["method"] == m
                                          for k in DIAGNOSTIC_COLUMNS)]
     if learned:
-        columns = [f"diagnostics/{k}" for k in DIAGNOSTIC_COLUMNS]
+        shown = {k: v for k, v in DIAGNOSTIC_COLUMNS.items() if any(f"diagnostics/{k}" in r for r in rows)}
+        columns = [f"diagnostics/{k}" for k in shown]
         lines += ["# What the policy learned", "",
                   "At the end of pretraining, on a fixed probe batch of validation images (see `agents/diagnostics.py`"
                   " and docs/method.md): drift of the concentrations raises the KL to step 0 but leaves the spread "
                   "over images at 0; a mask that follows each image's content has an image-specific content gap "
                   "(mask on anatomy and lesion minus mask on the background, beyond what the average mask gives).",
-                  "", "| method | n | " + " | ".join(DIAGNOSTIC_COLUMNS.values()) + " |",
+                  "", "| method | n | " + " | ".join(shown.values()) + " |",
                   "|---|---|" + "---|" * len(columns)]
         for m in learned:
             cells = [_mean_std(list(_by(rows, m, None, k).values())) for k in columns]
@@ -676,12 +713,13 @@ def heated_markdown(rows: list[dict[str, Any]], cfg: StudyConfig) -> str:
             settings = sorted({r.get("setting", "") for r in rows if r["method"] == m} - {""})
             lines.append(f"- `{m}`: " + ("; ".join(settings) or "-"))
         lines.append("")
-        peaks = [f"peak/{k}" for k in PEAK_COLUMNS]
+        peaked = {k: v for k, v in PEAK_COLUMNS.items() if any(f"peak/{k}" in r for r in rows)}
+        peaks = [f"peak/{k}" for k in peaked]
         lines += ["## Over the run", "",
                   "The most extreme value each diagnostic reached in any logging window of the run (for the content "
                   "gap, the largest in magnitude), and the mean step it was logged at: a pattern the classifier "
                   "catches up with fades before the end.", "",
-                  "| method | n | " + " | ".join(f"{v} (step)" for v in PEAK_COLUMNS.values()) + " |",
+                  "| method | n | " + " | ".join(f"{v} (step)" for v in peaked.values()) + " |",
                   "|---|---|" + "---|" * len(peaks)]
         for m in learned:
             cells = [f"{_mean_std(list(_by(rows, m, None, k).values()))} "
@@ -692,7 +730,7 @@ def heated_markdown(rows: list[dict[str, Any]], cfg: StudyConfig) -> str:
 
 
 PEAK_COLUMNS = {"kl_initial": "KL to step 0", "image_spread": "spread over images", "cell_spread": "spread over cells",
-                "content_gap": "content gap"}
+                "content_gap": "content gap", "marker_gap": "marker gap"}
 """The diagnostics read over the whole run (their most extreme logged value): a pattern the classifier catches up with
 fades before the run ends (docs/budget-notes.md), so the last value alone can hide that the policy learned."""
 

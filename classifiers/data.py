@@ -5,7 +5,8 @@ Dataset specifications (``--dataset``):
 - ``synthrad`` / ``synthrad:pretrain``, ``synthrad:unseen``, ``synthrad:shifted``: the embedded generator
   (``shifted`` is the pretraining task tested on images whose modality is independent of the class). Options after
   ``?`` as ``key=value`` pairs joined by ``&`` (``synthrad:unseen?n_train=600&seed=3``) set any
-  :class:`~classifiers.synthrad.SynthRadConfig` field but the image size.
+  :class:`~classifiers.synthrad.SynthRadConfig` field but the image size (``synthrad?shortcut=marker&marker_bias=0.9``:
+  a local marker shortcut instead of the modality's).
 - ``imagefolder:PATH``: RadImageNet's layout, ``PATH/train/<class>/*``, ``PATH/val/<class>/*`` and
   optionally ``PATH/test/<class>/*``; any image Pillow reads, grayscale or colour.
 - ``medmnist:PATH.npz``: MedMNIST's arrays ``train_images``, ``train_labels``, ``val_*``, ``test_*``.
@@ -92,7 +93,10 @@ class ImageSource:
     modality: np.ndarray | None = None
     """Each image's modality index, where the data knows it (synthrad)."""
     regions: torch.Tensor | None = None
-    """Each image's region map (N, H, W) uint8: 0 background, 1 anatomy, 2 lesion, where the data knows it."""
+    """Each image's region map (N, H, W) uint8: 0 background, 1 anatomy, 2 lesion, 3 marker, where the data knows
+    it."""
+    marker: np.ndarray | None = None
+    """The class each image's marker spells, where the data draws one (synthrad's marker shortcut)."""
     cached: CachedImages | None = None
     """The files' stored images in the image cache, when it holds them (:mod:`classifiers.imagecache`)."""
 
@@ -111,17 +115,24 @@ class DataSpec:
     splits: dict[str, ImageSource]
     preferred_modality: np.ndarray | None = None
     """Each class's preferred modality index, where the data knows it (synthrad): what the shortcut metrics need."""
+    shortcuts: tuple[str, ...] = ()
+    """The cues the data ties to the class, where it knows them (synthrad: ``modality``, ``marker`` or both)."""
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def in_preferred_modality(self, split: str) -> np.ndarray | None:
-        """Per image of ``split``: whether it is shown in its class's preferred modality (None where unknown)."""
+    def shortcut_agreement(self, split: str) -> dict[str, np.ndarray] | None:
+        """Per shortcut of :attr:`shortcuts`, per image of ``split``: whether the cue agrees with the image's class
+        (``modality``: it is shown in its class's preferred modality; ``marker``: its marker spells its class). None
+        where the data knows no shortcut. What ``classifiers.metrics.shortcut_metrics`` reads."""
         source = self.splits[split]
-        if self.preferred_modality is None or source.modality is None:
-            return None
-        return source.modality == self.preferred_modality[source.labels]
+        out = {}
+        if "modality" in self.shortcuts and self.preferred_modality is not None and source.modality is not None:
+            out["modality"] = source.modality == self.preferred_modality[source.labels]
+        if "marker" in self.shortcuts and source.marker is not None:
+            out["marker"] = source.marker == source.labels
+        return out or None
 
     @property
     def eval_split(self) -> str:
@@ -179,8 +190,11 @@ def _parse_options(text: str, where: str) -> dict[str, object]:
         if key not in allowed or key in ("task", "image_size"):
             raise DataError(f"{where}: unknown option {key!r}; use any of "
                             f"{sorted(k for k in allowed if k not in ('task', 'image_size'))}")
+        if key == "shortcut":
+            opts[key] = value
+            continue
         try:
-            opts[key] = float(value) if key == "modality_bias" else int(value)
+            opts[key] = float(value) if key in ("modality_bias", "marker_bias") else int(value)
         except ValueError:
             raise DataError(f"{where}: option {key}={value!r} is not a number") from None
     return opts
@@ -199,12 +213,13 @@ def _load_synthrad(spec: str, image_size: int | None) -> DataSpec:
         raise DataError(f"dataset {spec!r}: {exc}; the tasks are pretrain, unseen and shifted") from None
     arrays = load_synthrad(cfg)
     splits = {s: ImageSource(labels=arrays[f"{s}_labels"], images=torch.from_numpy(arrays[f"{s}_images"]),
-                             modality=arrays[f"{s}_modality"], regions=torch.from_numpy(arrays[f"{s}_regions"]))
+                             modality=arrays[f"{s}_modality"], regions=torch.from_numpy(arrays[f"{s}_regions"]),
+                             marker=arrays.get(f"{s}_marker"))
               for s in SYNTHRAD_SPLITS if f"{s}_labels" in arrays}
     if shifted:
         splits["test"] = splits.pop("shifted")
     preferred = preferred_modality(task, np.arange(len(class_names(task))))
-    return DataSpec(f"synthrad:{name}", class_names(task), 1, cfg.image_size, splits, preferred)
+    return DataSpec(f"synthrad:{name}", class_names(task), 1, cfg.image_size, splits, preferred, cfg.shortcuts())
 
 
 def _load_medmnist(spec: str, image_size: int | None) -> DataSpec:

@@ -348,7 +348,7 @@ class Finetuner:
         with the labels and predicted probabilities they come from."""
         loader = self.val_loader if split == "val" else self.eval_loader
         probs, labels, loss = predict(self.model, loader, self.dev, self.normalizer)
-        metrics = {"loss": loss, **classification_metrics(labels, probs, self.data.in_preferred_modality(split))}
+        metrics = {"loss": loss, **classification_metrics(labels, probs, self.data.shortcut_agreement(split))}
         if log:
             self.logger.scalars(self.global_step, {f"{split}/{k}": float(metrics[k]) for k in SCALAR_METRICS
                                                    if k in metrics})

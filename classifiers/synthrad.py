@@ -23,6 +23,19 @@ What a classifier can lean on is known per image, so the shortcut can be measure
   independent of the class (every modality with probability 1/3), so in-distribution and modality-shifted
   accuracy compare directly (``synthrad:shifted`` in ``classifiers.data`` tests on it).
 
+Two kinds of shortcut (``shortcut``), as medical images carry both:
+
+- ``modality`` (the default): the *global* acquisition style above, present in every patch (Zech et al. 2018);
+- ``marker``: a *local* token burned into the image, like a laterality marker or a ruler (DeGrave et al. 2021): a
+  small square at one of the four corners (a different one per image, so only an image-dependent mask can follow
+  it) whose 2 x 2 bright or dark cells spell a class's code. It spells the image's own class with probability
+  ``marker_bias``, else another class's; modality is then independent of the class (unless ``modality_bias`` says
+  otherwise). ``{split}_marker`` holds the class each image's marker spells, and the region maps mark its square
+  (region 3). The ``shifted`` split draws the marker independently of the class as well;
+- ``both``: the modality bias and the marker together.
+
+The default's images are the same bit for bit whatever these options: the marker draws from a stream of its own.
+
 Generation is batched tensor arithmetic: 12,000 images of 64 px take a few seconds on 2 cores.
 Results are cached as ``.npz`` files under a key of every generation parameter, with a checksum;
 a damaged cache file is detected and rebuilt.
@@ -42,11 +55,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from classifiers.checkpoint import derived_seed
 from classifiers.io import atomic_write
 
 GENERATOR_VERSION = 2
 """2: regions and the shifted split (the images of version 1 are unchanged, bit for bit)."""
 MODALITIES = ("ct", "mr", "us")
+SHORTCUTS = ("modality", "marker", "both")
+"""What a class is tempting to read besides its content: the modality's global style, a local marker, or both."""
+MARKER_STREAM = 0x6D61726B
+"""Mixed into the marker's generator seed: its draws leave the images' own stream, so the default's images, alone."""
 
 # Anatomies: painter's-order lists of ellipses (cx, cy, rx, ry, angle, tissue value) in [-1, 1]
 # coordinates (y grows downwards); the primitive named by HOST receives the lesion.
@@ -125,12 +143,25 @@ class SynthRadConfig:
     seed: int = 0
     """Generation seed: the same seed gives the same images, bit for bit."""
     modality_bias: float | None = None
-    """Probability that an image shows its class's preferred modality (None: 0.6 for pretrain, 1/3 for unseen)."""
+    """Probability that an image shows its class's preferred modality (None: 0.6 for the pretraining task's modality
+    shortcut, 1/3, no shortcut, for the marker alone and for unseen)."""
+    shortcut: str = "modality"
+    """Which shortcut the data carries: ``modality``, ``marker`` or ``both`` (module docstring)."""
+    marker_bias: float = 0.9
+    """With a marker: the probability that it spells the image's own class (1 / classes: independent of it)."""
 
     def resolved_bias(self) -> float:
         if self.modality_bias is not None:
             return self.modality_bias
-        return 0.6 if self.task == "pretrain" else 1.0 / 3.0
+        return 0.6 if self.task == "pretrain" and self.shortcut != "marker" else 1.0 / 3.0
+
+    @property
+    def has_marker(self) -> bool:
+        return self.shortcut in ("marker", "both")
+
+    def shortcuts(self) -> tuple[str, ...]:
+        """The cues this data ties to the class: ``modality``, ``marker`` or both."""
+        return ("modality", "marker") if self.shortcut == "both" else (self.shortcut,)
 
     def validate(self) -> None:
         if self.task not in TASKS:
@@ -142,9 +173,18 @@ class SynthRadConfig:
                 raise ValueError(f"synthrad {name}={getattr(self, name)} must be at least 1")
         if not 0.0 <= self.resolved_bias() <= 1.0:
             raise ValueError(f"synthrad modality_bias={self.modality_bias} must lie in [0, 1]")
+        if self.shortcut not in SHORTCUTS:
+            raise ValueError(f"unknown synthrad shortcut {self.shortcut!r}; use one of {', '.join(SHORTCUTS)}")
+        if not 0.0 <= self.marker_bias <= 1.0:
+            raise ValueError(f"synthrad marker_bias={self.marker_bias} must lie in [0, 1]")
+        if self.has_marker and self.image_size < MARKER_MIN_SIZE:
+            raise ValueError(f"synthrad image_size={self.image_size} is too small for a marker; use "
+                             f"{MARKER_MIN_SIZE} or more")
 
     def key(self) -> str:
         payload = dict(asdict(self), modality_bias=self.resolved_bias(), version=GENERATOR_VERSION)
+        if not self.has_marker:  # the data of before the marker existed, under the same key
+            del payload["shortcut"], payload["marker_bias"]
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -163,8 +203,10 @@ def preferred_modality(task: str, labels: np.ndarray | torch.Tensor) -> np.ndarr
 
 SHIFTED_BIAS = 1.0 / len(MODALITIES)
 """The shifted split's modality bias: the preferred modality no more often than either other one."""
-REGIONS = ("background", "anatomy", "lesion")
+REGIONS = ("background", "anatomy", "lesion", "marker")
 """The values of a region map, in order."""
+MARKER_MIN_SIZE = 16
+"""The smallest image side a marker is drawn at (its square is a quarter of it: 4 px, 2 px per code cell)."""
 
 
 def _ellipse(u: torch.Tensor, v: torch.Tensor, cx, cy, rx, ry, angle, sharp: float) -> torch.Tensor:
@@ -243,6 +285,42 @@ def _smooth(x: torch.Tensor, k: int) -> torch.Tensor:
     return F.avg_pool2d(x.unsqueeze(1), k, stride=1, padding=k // 2, count_include_pad=False).squeeze(1)
 
 
+def marker_codes(num_classes: int) -> np.ndarray:
+    """Each class's marker code, (K, 2, 2) of 0 (dark) or 1 (bright): the bits of ``class + 1``, so no code is all
+    dark (an empty square) and every class's differs."""
+    if num_classes > 15:
+        raise ValueError(f"a marker spells at most 15 classes with its 4 cells; this task has {num_classes}")
+    bits = (np.arange(1, num_classes + 1)[:, None] >> np.arange(4)) & 1
+    return bits.reshape(num_classes, 2, 2).astype(np.uint8)
+
+
+def draw_markers(images: torch.Tensor, regions: torch.Tensor, codes: torch.Tensor, corners: torch.Tensor,
+                 num_classes: int) -> None:
+    """Paint each image's marker in place: a square a quarter of the image wide, inset by an eighth of its side from
+    corner ``corners[i]`` (0 top left, 1 top right, 2 bottom left, 3 bottom right), a bright frame around 2 x 2 cells
+    bright or dark by the code of class ``codes[i]`` (:func:`marker_codes`); its pixels become region 3.
+
+    Args:
+        images: uint8 (N, S, S).
+        regions: uint8 (N, S, S).
+        codes: (N,) int64, the class each marker spells.
+        corners: (N,) int64 in 0..3.
+    """
+    size = images.shape[-1]
+    side, inset = size // 4, size // 16
+    frame = max(1, side // 8)
+    cell = (side - 2 * frame) // 2
+    table = torch.from_numpy(marker_codes(num_classes))
+    square = torch.full((num_classes, side, side), 255, dtype=torch.uint8)
+    inner = table.repeat_interleave(cell, 1).repeat_interleave(cell, 2) * 255
+    square[:, frame:frame + 2 * cell, frame:frame + 2 * cell] = inner
+    for i in range(len(images)):
+        top = inset if corners[i] < 2 else size - inset - side
+        left = inset if corners[i] % 2 == 0 else size - inset - side
+        images[i, top:top + side, left:left + side] = square[codes[i]]
+        regions[i, top:top + side, left:left + side] = REGIONS.index("marker")
+
+
 def _apply_modality(t: torch.Tensor, modality: str, g: torch.Generator) -> torch.Tensor:
     """Render tissue maps (N, S, S) in the low-level style of one modality, values in [0, 1]."""
     n, size, _ = t.shape
@@ -272,8 +350,9 @@ def _apply_modality(t: torch.Tensor, modality: str, g: torch.Generator) -> torch
 
 def generate_split(cfg: SynthRadConfig, split: str, n: int) -> dict[str, np.ndarray]:
     """Generate one split: ``images`` (N, 1, S, S) uint8, ``labels`` (N,) int64, ``modality`` index (N,) int64
-    and ``regions`` (N, S, S) uint8 (see :data:`REGIONS`). The ``shifted`` split draws modalities independently
-    of the class (bias :data:`SHIFTED_BIAS`)."""
+    and ``regions`` (N, S, S) uint8 (see :data:`REGIONS`), and with a marker ``marker`` (N,) int64, the class each
+    image's marker spells. The ``shifted`` split draws modalities (bias :data:`SHIFTED_BIAS`) and markers independently
+    of the class."""
     spec = TASKS[cfg.task]
     n_classes = len(spec["anatomies"]) * len(spec["lesions"])
     split_id = {"train": 0, "val": 1, "test": 2, "shifted": 3}[split]
@@ -303,8 +382,18 @@ def generate_split(cfg: SynthRadConfig, split: str, n: int) -> dict[str, np.ndar
                 if sel.any():
                     out[sel] = _apply_modality(tissue[sel], modality_name, g)
             images[idx] = (out.clamp(0, 1) * 255).round().to(torch.uint8)
-    return {"images": images.unsqueeze(1).numpy(), "labels": labels.numpy().astype(np.int64),
-            "modality": modality.numpy().astype(np.int64), "regions": regions.numpy()}
+    arrays = {"images": images, "labels": labels.numpy().astype(np.int64),
+              "modality": modality.numpy().astype(np.int64), "regions": regions}
+    if cfg.has_marker:
+        gm = torch.Generator().manual_seed(derived_seed(cfg.seed, MARKER_STREAM, task_id, split_id))
+        bias = 1.0 / n_classes if split == "shifted" else cfg.marker_bias
+        own = torch.rand(n, generator=gm) < bias
+        codes = torch.where(own, labels, (labels + 1 + torch.randint(0, n_classes - 1, (n,), generator=gm))
+                            % n_classes) if n_classes > 1 else labels
+        draw_markers(images, regions, codes, torch.randint(0, 4, (n,), generator=gm), n_classes)
+        arrays["marker"] = codes.numpy().astype(np.int64)
+    arrays["images"], arrays["regions"] = images.unsqueeze(1).numpy(), regions.numpy()
+    return arrays
 
 
 def default_cache_dir() -> Path:
@@ -321,8 +410,9 @@ def _checksum(arrays: dict[str, np.ndarray]) -> str:
 
 
 def load_synthrad(cfg: SynthRadConfig, cache_dir: Path | None = None) -> dict[str, np.ndarray]:
-    """Return ``{split}_images``, ``{split}_labels``, ``{split}_modality`` and ``{split}_regions`` arrays for the
-    splits ``train``, ``val``, ``test`` (and ``shifted`` for the pretraining task), from cache or freshly made."""
+    """Return ``{split}_images``, ``{split}_labels``, ``{split}_modality``, ``{split}_regions`` (and with a marker
+    ``{split}_marker``) arrays for the splits ``train``, ``val``, ``test`` (and ``shifted`` for the pretraining task),
+    from cache or freshly made."""
     cfg.validate()
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = cache_dir / f"synthrad-{cfg.task}-{cfg.image_size}px-{cfg.key()}.npz"

@@ -187,12 +187,24 @@ def check_finite(value: torch.Tensor, what: str, step: int) -> None:
                              "the step was not applied. Lower the learning rate or check the inputs")
 
 
+def generalized_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, q: float) -> torch.Tensor:
+    """Per-image generalised cross-entropy ``(1 - p_y ** q) / q`` (Zhang and Sabuncu 2018), of shape (B,).
+
+    Its gradient is the cross-entropy's times ``p_y ** q``: images the model already finds easy weigh more, so a model
+    trained with it latches onto the easiest cue, a shortcut, the *biased* model of Learning from Failure (Nam et al.
+    2020). ``q -> 0`` gives the cross-entropy."""
+    log_p = F.log_softmax(logits.float(), 1).gather(1, labels[:, None])[:, 0]
+    return (1.0 - torch.exp(q * log_p)) / q
+
+
 def supervised_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor,
                     labels: torch.Tensor, dev: DevicePolicy, step: int = 0,
                     loss_scale: torch.Tensor | None = None,
-                    after_forward: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+                    after_forward: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+                    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One SGD step on float inputs; returns per-image cross-entropy and logits, both detached, in float32.
+    """One SGD step on float inputs; returns per-image cross-entropy (or ``criterion``'s per-image loss, given one:
+    ``(logits, labels) -> (B,)``) and logits, both detached, in float32.
 
     ``after_forward``, if given, is called with those two (detached) once the loss is known to be finite and before
     the backward pass, so a caller can start work that needs only the forward's results while the step completes.
@@ -208,7 +220,8 @@ def supervised_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: 
     saved = [b.clone() for b in buffers]
     with dev.autocast():
         logits = model(inputs)
-    per_image = F.cross_entropy(logits.float(), labels, reduction="none")
+    per_image = (F.cross_entropy(logits.float(), labels, reduction="none") if criterion is None
+                 else criterion(logits.float(), labels))
     loss = per_image.mean()
     if loss_scale is not None:
         loss_scale = loss_scale.detach().to(loss.dtype)
@@ -257,9 +270,10 @@ def predict(model: nn.Module, loader: DataLoader, dev: DevicePolicy, normalizer:
 
 
 def evaluate(model: nn.Module, loader: DataLoader, dev: DevicePolicy,
-             normalizer: Callable[[torch.Tensor], torch.Tensor], in_preferred: np.ndarray | None = None
+             normalizer: Callable[[torch.Tensor], torch.Tensor], agreement: dict[str, np.ndarray] | None = None
              ) -> dict[str, object]:
     """The paper's metrics plus ``loss`` over a loader (see :func:`predict`), and the shortcut metrics when
-    ``in_preferred`` says, per image in the loader's order, whether it shows its class's preferred modality."""
+    ``agreement`` says, per shortcut and per image in the loader's order, whether its cue agrees with its class
+    (``classifiers.data.DataSpec.shortcut_agreement``)."""
     probs, labels, loss = predict(model, loader, dev, normalizer)
-    return {"loss": loss, **classification_metrics(labels, probs, in_preferred)}
+    return {"loss": loss, **classification_metrics(labels, probs, agreement)}

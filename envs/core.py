@@ -20,10 +20,17 @@ from torch.nn.parallel import DistributedDataParallel
 from classifiers.data import DataSpec, load_dataset, make_loader
 from classifiers.distributed import average_buffers
 from classifiers.models import ARCHITECTURES, build_classifier
-from classifiers.train import DevicePolicy, Normalizer, check_precision, resolve_device, supervised_step
-from envs.masks import NoiseMask, hold_mean
+from classifiers.train import (
+    DevicePolicy,
+    Normalizer,
+    check_precision,
+    generalized_cross_entropy,
+    resolve_device,
+    supervised_step,
+)
+from envs.masks import MASK_OPS, NoiseMask, hold_mean, random_style
 
-REWARDS = ("classifiable", "adversarial", "correct")
+REWARDS = ("classifiable", "adversarial", "correct", "biased")
 REWARD_FORWARDS = ("train", "eval")
 REWARD_REFERENCES = ("none", "constant")
 Transform = Callable[[torch.Tensor], torch.Tensor]
@@ -56,7 +63,22 @@ class EnvConfig:
     lr_step_epochs: int = 30
     """StepLR period in epochs (the paper: 30, factor 0.1)."""
     reward: str = "classifiable"
-    """``classifiable``: -CE per image (the paper's sign); ``adversarial``: +CE; ``correct``: 1 when right."""
+    """``classifiable``: -CE per image (the paper's sign); ``adversarial``: +CE; ``correct``: 1 when right;
+    ``biased``: aimed at the shortcut, ``CE_biased - bias_weight * CE``, where ``CE_biased`` is the cross-entropy of a
+    *biased* auxiliary classifier that trains alongside on the same masked batches with the generalised
+    cross-entropy, so it reads the easiest cue (Learning from Failure; ``classifiers.train.generalized_cross_entropy``), read in eval
+    mode on the masked image: the policy is rewarded for hiding what the biased model reads, less what the classifier
+    itself loses (docs/method.md, section 9)."""
+    mask_op: str = "multiply"
+    """How the mask acts on the normalised image: ``multiply`` (the paper's, ``M * x``) or ``blend``
+    (``M * x + (1 - M) * S(x)`` with ``S`` a random restyling per image, ``envs.masks.random_style``)."""
+    bias_q: float = 0.7
+    """With the ``biased`` reward: the generalised cross-entropy's ``q`` of the biased classifier (LfF: 0.7)."""
+    bias_weight: float = 0.0
+    """With the ``biased`` reward: the weight of the classifier's own cross-entropy, subtracted from the biased
+    classifier's. 0 by default: the mask budget already leaves the classifier half of each image, and with weight 1 the
+    policy first hid the background, keeping what both models read, until the biased model had latched onto the
+    shortcut (docs/method.md, section 9)."""
     mask_budget: float | None = None
     """Hold each image's mean grid value at this budget in (0, 1) (``envs.masks.hold_mean``), so a policy chooses where
     the noise goes, not how much; None: grids are applied as given."""
@@ -101,6 +123,13 @@ class EnvConfig:
             raise ValueError(f"learning rate {self.lr} must be a positive number (the paper uses 0.1)")
         if self.reward not in REWARDS:
             raise ValueError(f"unknown reward {self.reward!r}; use one of {', '.join(REWARDS)}")
+        if self.mask_op not in MASK_OPS:
+            raise ValueError(f"unknown mask_op {self.mask_op!r}; use one of {', '.join(MASK_OPS)}")
+        if not (0.0 < self.bias_q <= 1.0):
+            raise ValueError(f"bias_q {self.bias_q} must lie in (0, 1] (LfF uses 0.7; near 0 is the plain "
+                             "cross-entropy)")
+        if not (self.bias_weight >= 0 and math.isfinite(self.bias_weight)):
+            raise ValueError(f"bias_weight {self.bias_weight} must be a finite number, 0 or more")
         if self.reward_forward not in REWARD_FORWARDS:
             raise ValueError(f"unknown reward_forward {self.reward_forward!r}; use one of {', '.join(REWARD_FORWARDS)}")
         if self.reward_reference not in REWARD_REFERENCES:
@@ -137,6 +166,11 @@ class StepResult:
     """The episode ended (its epoch ran out, or ``max_steps`` was reached)."""
     grid: torch.Tensor | None = None
     """The mask grid the step applied (B, G, G), after the budget (None: no mask)."""
+    biased_loss: torch.Tensor | None = None
+    """With the ``biased`` reward: the biased classifier's per-image cross-entropy on the masked batch (B,)."""
+    biased_correct: torch.Tensor | None = None
+    """With the ``biased`` reward: the biased classifier's per-image correctness in its own training step on the masked
+    batch (B,): how well it reads the cues the masks leave."""
 
 
 class PretrainCore:
@@ -178,20 +212,30 @@ class PretrainCore:
         self.images: torch.Tensor | None = None
         self.stepped_images: torch.Tensor | None = None
         self.labels: torch.Tensor | None = None
+        self.biased: torch.nn.Module | None = None
+        """The ``biased`` reward's auxiliary classifier (None for the other rewards)."""
         self._init_classifier(cfg.seed)
 
-    def _init_classifier(self, seed: int) -> None:
-        torch.manual_seed(seed)
-        model = build_classifier(self.cfg.classifier, self.num_classes, self.in_channels, self.cfg.image_size)
-        self.classifier = self.dev.prepare(model)
-        self.model = self.classifier
+    def _build(self) -> tuple[torch.nn.Module, torch.nn.Module, torch.optim.Optimizer]:
+        """A fresh classifier of the configured architecture: the module, what trains it (DDP under torch.distributed)
+        and its SGD optimiser."""
+        module = self.dev.prepare(build_classifier(self.cfg.classifier, self.num_classes, self.in_channels,
+                                                   self.cfg.image_size))
+        model = module
         if self.distributed:
             ids = [self.dev.device.index] if self.dev.cuda else None
             if self.cfg.sync_bn and self.dev.cuda:
-                self.classifier = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.classifier)
-            self.model = DistributedDataParallel(self.classifier, device_ids=ids)
-        self.optimizer = torch.optim.SGD(self.classifier.parameters(), lr=self.cfg.lr, momentum=self.cfg.momentum,
-                                         weight_decay=self.cfg.weight_decay)
+                module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+            model = DistributedDataParallel(module, device_ids=ids)
+        optimizer = torch.optim.SGD(module.parameters(), lr=self.cfg.lr, momentum=self.cfg.momentum,
+                                    weight_decay=self.cfg.weight_decay)
+        return module, model, optimizer
+
+    def _init_classifier(self, seed: int) -> None:
+        torch.manual_seed(seed)
+        self.classifier, self.model, self.optimizer = self._build()
+        if self.cfg.reward == "biased":
+            self.biased, self.biased_model, self.biased_optimizer = self._build()
         self.loader.sampler.seed = seed
         self.global_step, self.epoch, self.step_in_epoch = 0, -1, 0
 
@@ -201,12 +245,16 @@ class PretrainCore:
 
     def _start_epoch(self, epoch: int, start_step: int = 0) -> None:
         self.epoch, self.step_in_epoch, self.episode_steps = epoch, start_step, 0
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(epoch)
+        for optimizer in self._optimizers():
+            for group in optimizer.param_groups:
+                group["lr"] = self.lr_at(epoch)
         self.loader.sampler.set_epoch(epoch, start_step * self.cfg.batch_size)
         self._iter = iter(self.loader)
         self._held = []
         self.exhausted = not self._next_batch()
+
+    def _optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.optimizer] + ([self.biased_optimizer] if self.biased is not None else [])
 
     def _fetch(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The epoch's next (images, labels) on the device; None when it has run out."""
@@ -239,19 +287,32 @@ class PretrainCore:
                augment: Transform | None = None) -> torch.Tensor:
         """The classifier's input for a uint8 batch: passed through ``augment`` if given, normalised, multiplied by
         the noise mask of ``grid`` (B, G, G) if given (held at the mask budget first, if there is one:
-        :meth:`applied_grid`), then passed through ``perturb`` if given. What :meth:`step` trains on."""
-        return self._perturbed(images, self.applied_grid(grid), perturb, augment)
-
-    def _perturbed(self, images: torch.Tensor, grid: torch.Tensor | None, perturb: Transform | None,
-                   augment: Transform | None) -> torch.Tensor:
-        return self._masked(self._normalised(images, augment), grid, perturb)
+        :meth:`applied_grid`; under ``mask_op="blend"``, blended with a restyled copy), then passed through ``perturb``
+        if given. What :meth:`step` trains on."""
+        grid = self.applied_grid(grid)
+        clean = self._normalised(images, augment)
+        return self._masked(clean, grid, perturb, self._styled(clean, grid))
 
     def _normalised(self, images: torch.Tensor, augment: Transform | None) -> torch.Tensor:
         return self.normalizer(augment(images) if augment is not None else images)
 
-    def _masked(self, x: torch.Tensor, grid: torch.Tensor | None, perturb: Transform | None) -> torch.Tensor:
+    def _styled(self, clean: torch.Tensor, grid: torch.Tensor | None) -> torch.Tensor | None:
+        """The restyled copies a ``blend`` mask mixes in (drawn once per step, so the reward's reference sees the same
+        ones); None under ``multiply`` or without a mask."""
+        return random_style(clean) if grid is not None and self.cfg.mask_op == "blend" else None
+
+    def _masked(self, x: torch.Tensor, grid: torch.Tensor | None, perturb: Transform | None,
+                styled: torch.Tensor | None = None) -> torch.Tensor:
         if grid is not None:
-            x = self.mask.apply(x, grid)
+            x = self.mask.apply(x, grid, styled)
+        return perturb(x) if perturb is not None else x
+
+    def _constant_mask(self, clean: torch.Tensor, styled: torch.Tensor | None, perturb: Transform | None
+                       ) -> torch.Tensor:
+        """The input under the constant mask at the budget: the constant grid gives the constant mask (the rows of the
+        mask operator sum to 1), so this is the image times the budget, or blended with ``styled`` at the budget."""
+        b = self.cfg.mask_budget
+        x = clean * b if styled is None else torch.lerp(styled, clean, b)
         return perturb(x) if perturb is not None else x
 
     def applied_grid(self, grid: torch.Tensor | None) -> torch.Tensor | None:
@@ -285,13 +346,15 @@ class PretrainCore:
             raise RuntimeError("call reset() before step()")
         grid = self.applied_grid(grid)
         clean = self._normalised(self.images, augment)  # once: a random augmentation must be the same in both passes
-        x = self._masked(clean, grid, perturb)
-        # the per-image reference: the constant grid at the budget gives the constant mask (the rows of the mask
-        # operator sum to 1), so its input is the image times the budget
-        ref = self._masked(clean * self.cfg.mask_budget, None, perturb) if self.cfg.reward_reference == "constant" \
-            else None
+        styled = self._styled(clean, grid)
+        x = self._masked(clean, grid, perturb, styled)
+        ref = self._constant_mask(clean, styled, perturb) if self.cfg.reward_reference == "constant" else None
         b = x.shape[0]
         own = ref_score = None
+        biased = biased_ref = None
+        if self.biased is not None:  # what the biased classifier reads, in eval mode, before either model's update
+            loss_b, _ = self._score(x if ref is None else torch.cat([x, ref]), train=False, model=self.biased)
+            biased, biased_ref = loss_b[:b], (loss_b[b:] if ref is not None else None)
         if self.cfg.reward_forward == "eval":  # one forward for both, before the update
             loss_e, correct_e = self._score(x if ref is None else torch.cat([x, ref]), train=False)
             own = (loss_e[:b], correct_e[:b])
@@ -304,8 +367,8 @@ class PretrainCore:
 
         def forward_done(loss: torch.Tensor, logits: torch.Tensor) -> None:
             found["loss"], found["correct"] = loss, (logits.argmax(1) == self.labels).float()
-            reward = self._reward(*(own if own is not None else (found["loss"], found["correct"])))
-            found["reward"] = reward - self._reward(*ref_score) if ref_score is not None else reward
+            reward = self._reward(*(own if own is not None else (found["loss"], found["correct"])), biased)
+            found["reward"] = reward - self._reward(*ref_score, biased_ref) if ref_score is not None else reward
             if on_reward is not None:
                 on_reward(found["reward"], found["loss"])
             if early and upcoming is not None:
@@ -319,6 +382,13 @@ class PretrainCore:
                 self._held.append(upcoming)
             raise
         loss, correct, reward = found["loss"], found["correct"], found["reward"]
+        biased_correct = None
+        if self.biased is not None:  # the biased classifier learns from the classifier's own inputs, as in LfF
+            q = self.cfg.bias_q
+            _, logits_b = supervised_step(self.biased_model, self.biased_optimizer, x, self.labels, self.dev,
+                                          step=self.global_step,
+                                          criterion=lambda z, y: generalized_cross_entropy(z, y, q))
+            biased_correct = (logits_b.argmax(1) == self.labels).float()
         self.global_step += 1
         self.step_in_epoch += 1
         self.episode_steps += 1
@@ -326,18 +396,24 @@ class PretrainCore:
         more = self._load(upcoming) if early else self._next_batch()
         self.exhausted = not more
         limit = self.cfg.max_steps is not None and self.episode_steps >= self.cfg.max_steps
-        return StepResult(reward=reward, loss=loss, correct=correct, truncated=(not more) or limit, grid=grid)
+        return StepResult(reward=reward, loss=loss, correct=correct, truncated=(not more) or limit, grid=grid,
+                          biased_loss=biased, biased_correct=biased_correct)
 
-    def _reward(self, loss: torch.Tensor, correct: torch.Tensor) -> torch.Tensor:
-        """Per-image reward of ``cfg.reward`` from per-image cross-entropies and correctness."""
+    def _reward(self, loss: torch.Tensor, correct: torch.Tensor, biased: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-image reward of ``cfg.reward`` from per-image cross-entropies and correctness, and for the ``biased``
+        reward the biased classifier's cross-entropies."""
+        if self.cfg.reward == "biased":
+            return biased - self.cfg.bias_weight * loss
         return {"classifiable": -loss, "adversarial": loss, "correct": correct}[self.cfg.reward]
 
     @torch.no_grad()
-    def _score(self, x: torch.Tensor, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-image cross-entropy and correctness of the classifier on ``x``, without gradient and without a trace:
-        in eval mode (running statistics), or in train mode (the batch's own statistics) with the BatchNorm running
-        statistics restored afterwards, so the training step that follows is the one it would be without it."""
-        model = self.classifier
+    def _score(self, x: torch.Tensor, train: bool, model: torch.nn.Module | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-image cross-entropy and correctness of the classifier (or ``model``) on ``x``, without gradient and
+        without a trace: in eval mode (running statistics), or in train mode (the batch's own statistics) with the
+        BatchNorm running statistics restored afterwards, so the training step that follows is the one it would be
+        without it."""
+        model = model if model is not None else self.classifier
         was_training = model.training
         saved = [b.clone() for b in model.buffers()] if train else []
         model.train(train)
@@ -352,12 +428,14 @@ class PretrainCore:
         return F.cross_entropy(logits, labels, reduction="none"), (logits.argmax(1) == labels).float()
 
     def sync_buffers(self) -> None:
-        """Make every process hold the same classifier: average its BatchNorm statistics over ranks."""
+        """Make every process hold the same classifiers: average their BatchNorm statistics over ranks."""
         average_buffers(self.classifier)
+        if self.biased is not None:
+            average_buffers(self.biased)
 
     def state_dict(self) -> dict:
-        """Classifier, optimiser, scheduler and position: enough to continue exactly."""
-        return {
+        """Classifier (and the biased one), optimisers, scheduler and position: enough to continue exactly."""
+        state = {
             "classifier": self.classifier.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "global_step": self.global_step,
@@ -366,11 +444,17 @@ class PretrainCore:
             "data_seed": self.loader.sampler.seed,
             "config": asdict(self.cfg),
         }
+        if self.biased is not None:
+            state |= {"biased": self.biased.state_dict(), "biased_optimizer": self.biased_optimizer.state_dict()}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`; the next batch is the one the saved run would have seen next."""
         self.classifier.load_state_dict(state["classifier"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.biased is not None:
+            self.biased.load_state_dict(state["biased"])
+            self.biased_optimizer.load_state_dict(state["biased_optimizer"])
         self.loader.sampler.seed = state["data_seed"]
         self.global_step = state["global_step"]
         self._start_epoch(state["epoch"], state["step_in_epoch"])

@@ -1,4 +1,9 @@
-"""Noise-mask operations, batched and device-agnostic: grid -> nearest upsample -> Gaussian blur -> multiply.
+"""Noise-mask operations, batched and device-agnostic: grid -> nearest upsample -> Gaussian blur -> apply.
+
+Two operators apply a mask ``M`` (values in [0, 1]) to a normalised image ``x``: ``multiply`` (the paper's),
+``M * x``, which dims where ``M`` is low and leaves texture readable; and ``blend``, ``M * x + (1 - M) * S(x)``, which
+replaces the image's style by a random restyled copy of itself where ``M`` is low (:func:`random_style`), keeping its
+anatomy.
 
 Upsampling and blurring are both linear and act on rows and columns separately, so the whole
 grid-to-mask map is ``A @ grid @ A.T`` with one (H, G) matrix ``A`` built once from the two steps:
@@ -41,6 +46,34 @@ def gaussian_blur(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     ky = kernel.to(x.dtype).view(1, 1, k, 1).expand(c, 1, k, 1)
     x = F.conv2d(F.pad(x, (pad, pad, 0, 0), mode="reflect"), kx, groups=c)
     return F.conv2d(F.pad(x, (0, 0, pad, pad), mode="reflect"), ky, groups=c)
+
+
+MASK_OPS = ("multiply", "blend")
+"""How a mask acts on the image: dim it (the paper's) or blend it with a restyled copy of itself."""
+STYLE_WIDTH = 4
+"""Channels of the random style network's hidden layer."""
+STYLE_SLOPE = 0.2
+"""Negative slope of its leaky ReLU."""
+
+
+def random_style(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A restyled copy of each normalised image of (B, C, H, W): a random shallow convolutional network drawn per image
+    (two 3 x 3 convolutions, C -> :data:`STYLE_WIDTH` -> C channels, N(0, 1) weights, a leaky ReLU between them), its
+    output standardised and given the image's own mean and standard deviation, as in GIN-IPA's global intensity
+    non-linear augmentation (Ouyang et al. 2021) and RandConv (Xu et al. 2021).
+
+    Local linear filters with a random non-linear response change the intensity curve (which tissue is bright) and
+    the texture (edges, speckle, noise), and keep where the structures are: the anatomy stays, its style goes.
+    Random numbers come from ``generator`` (None: the global one)."""
+    b, c, h, w = x.shape
+    dev = x.device
+    w1 = torch.randn(b * STYLE_WIDTH, c, 3, 3, generator=generator, device=dev, dtype=x.dtype)
+    w2 = torch.randn(b * c, STYLE_WIDTH, 3, 3, generator=generator, device=dev, dtype=x.dtype)
+    hidden = F.leaky_relu(F.conv2d(x.reshape(1, b * c, h, w), w1, padding=1, groups=b), STYLE_SLOPE)
+    out = F.conv2d(hidden, w2, padding=1, groups=b).view(b, c, h, w)
+    dims = (1, 2, 3)
+    out = (out - out.mean(dims, keepdim=True)) / (out.std(dims, keepdim=True) + 1e-6)
+    return out * x.std(dims, keepdim=True) + x.mean(dims, keepdim=True)
 
 
 def hold_mean(grid: torch.Tensor, budget: float) -> torch.Tensor:
@@ -113,6 +146,8 @@ class NoiseMask(nn.Module):
         # 78 us instead of 21 for the demo's 32 grids of 8 x 8 on one core; one copy first costs 2.
         return (op @ grid.float().contiguous() @ op.T).unsqueeze(1)
 
-    def apply(self, images: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-        """Multiply normalised images (B, C, H, W) by the blurred mask of each image's grid."""
-        return images * self(grid).to(images.dtype)
+    def apply(self, images: torch.Tensor, grid: torch.Tensor, styled: torch.Tensor | None = None) -> torch.Tensor:
+        """Multiply normalised images (B, C, H, W) by the blurred mask of each image's grid or, given ``styled`` (their
+        restyled copies, :func:`random_style`), blend the two under it: ``M * images + (1 - M) * styled``."""
+        mask = self(grid).to(images.dtype)
+        return images * mask if styled is None else torch.lerp(styled, images, mask)

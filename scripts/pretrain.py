@@ -18,6 +18,7 @@ from classifiers.cli import add_common_arguments, fail_cleanly
 from classifiers.distributed import launch_rank
 from classifiers.models import ARCHITECTURES
 from envs.core import REWARD_FORWARDS, REWARD_REFERENCES, REWARDS, EnvConfig
+from envs.masks import MASK_OPS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,7 +32,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=0.1, help="classifier SGD learning rate")
     p.add_argument("--lr-step-epochs", type=int, default=30, help="classifier StepLR period (factor 0.1)")
     p.add_argument("--reward", default=None, choices=REWARDS, help="per-image reward (default: classifiable; the "
-                   "*-budget algos: adversarial)")
+                   "*-budget algos: adversarial; reinforce-lff*: biased)")
+    p.add_argument("--mask-op", default=None, choices=MASK_OPS, help="how the mask acts: multiply the image (default, "
+                   "the paper's) or blend it with a random restyling of itself (uniform-blend, reinforce-lff-blend)")
+    p.add_argument("--bias-q", type=float, default=None, help="biased reward: the generalised cross-entropy's q of the "
+                   "biased classifier (default 0.7)")
+    p.add_argument("--bias-weight", type=float, default=None, help="biased reward: weight of the classifier's own "
+                   "cross-entropy, subtracted from the biased classifier's (default 0)")
     p.add_argument("--mask-budget", type=float, default=None, help="hold each mask's mean value at this budget in "
                    "(0, 1) (the *-budget algos: 0.5)")
     p.add_argument("--reward-forward", default=None, choices=REWARD_FORWARDS,
@@ -101,7 +108,8 @@ def config_from_args(a: argparse.Namespace) -> PretrainConfig:
     env = EnvConfig(dataset=a.dataset, classifier=a.classifier, batch_size=a.batch_size, image_size=a.image_size,
                     grid=a.grid, blur_kernel=a.blur_kernel, blur_sigma=a.blur_sigma, lr=a.lr,
                     lr_step_epochs=a.lr_step_epochs, seed=a.seed, device=a.device, precision=a.precision,
-                    workers=a.workers, sync_bn=a.sync_bn, **given)
+                    workers=a.workers, sync_bn=a.sync_bn,
+                    **{k: getattr(a, k) for k in ("bias_q", "bias_weight") if getattr(a, k) is not None}, **given)
     agent = {k: getattr(a, k) for k in (
         "policy_lr", "objective", "param", "baseline", "budget_concentration", "entropy_coef", "normalize_advantage",
         "max_grad_norm", "scale_classifier_loss", "noise_std", "loss_scale", "n_steps", "n_epochs", "sb3_batch_size",

@@ -26,8 +26,9 @@ COMMON_SCALARS = {"train/loss", "train/accuracy", "train/lr", "train/epoch", "re
 MASK_SCALARS = {"mask/mean", "mask/std"}
 POLICY_SCALARS = {"policy/loss", "policy/entropy", "policy/advantage_std", "policy/grad_norm", "policy/baseline",
                   "policy/alpha_mean", "policy/beta_mean", "policy/beta_mean_value", "policy/lr"}
-MASKING = {"uniform-mask", "reinforce", "reinforce-official", "reinforce-official-scaled", "reinforce-budget"}
-LEARNING = {"reinforce", "reinforce-official", "reinforce-official-scaled", "reinforce-budget"}
+LEARNING = {"reinforce", "reinforce-official", "reinforce-official-scaled", "reinforce-budget", "reinforce-lff",
+            "reinforce-lff-blend"}
+MASKING = LEARNING | {"uniform-mask", "uniform-blend", "saliency-mask"}
 
 
 @pytest.fixture(scope="module")

@@ -58,7 +58,7 @@ def assert_equal_states(a: dict, b: dict) -> None:
 
 
 @pytest.mark.parametrize("algo, precision", [("reinforce", "bf16"), ("reinforce", "fp32"), ("uniform-mask", "auto"),
-                                             ("ppo", "auto")])
+                                             ("ppo", "auto"), ("reinforce-lff-blend", "fp32")])
 def test_pretrain_killed_and_resumed_equals_uninterrupted(tmp_path: Path, algo: str, precision: str) -> None:
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     args = ["--algo", algo, "--precision", precision, *TINY]
@@ -74,8 +74,10 @@ def test_pretrain_killed_and_resumed_equals_uninterrupted(tmp_path: Path, algo: 
     ca = torch.load(whole / "checkpoint.pt", weights_only=True)
     cb = torch.load(broken / "checkpoint.pt", weights_only=True)
     assert_equal_states(ca["core"]["classifier"], cb["core"]["classifier"])
-    if algo in ("reinforce", "ppo"):
+    if algo != "uniform-mask":
         assert_equal_states(ca["agent"]["policy"], cb["agent"]["policy"])
+    if algo == "reinforce-lff-blend":  # the biased classifier, and the blend's styles drawn from the global generator
+        assert_equal_states(ca["core"]["biased"], cb["core"]["biased"])
     assert comparable_metrics(whole / "metrics.jsonl") == comparable_metrics(broken / "metrics.jsonl")
 
 

@@ -13,7 +13,7 @@ from scipy.stats import chi2_contingency
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from classifiers.data import load_dataset
-from classifiers.metrics import SHORTCUT_NAMES, classification_metrics, shortcut_metrics
+from classifiers.metrics import GROUP_NAMES, SHORTCUT_NAMES, classification_metrics, shortcut_metrics
 from classifiers.synthrad import MODALITIES, preferred_modality
 
 SHIFTED = "synthrad:shifted?n_train=96&n_val=24&n_test=1200"
@@ -24,15 +24,16 @@ def test_split_metrics_on_a_hand_made_case() -> None:
     labels = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
     pred = np.array([0, 1, 2, 0, 1, 0, 1, 0, 2, 1])
     in_preferred = np.array([1, 1, 1, 1, 1, 1, 0, 0, 0, 0], bool)
-    m = shortcut_metrics(labels, pred, in_preferred)
+    m = shortcut_metrics(labels, pred, {"modality": in_preferred})
+    assert set(m) == {*SHORTCUT_NAMES, "worst_group_accuracy"} and m["worst_group_accuracy"] == m["accuracy_other"]
     assert m["accuracy_preferred"] == pytest.approx(5 / 6)
     assert m["accuracy_other"] == pytest.approx(1 / 4)
     assert m["shortcut_gap"] == pytest.approx(5 / 6 - 1 / 4)
     probs = np.eye(3)[pred]
-    full = classification_metrics(labels, probs, in_preferred)
-    assert {k: full[k] for k in SHORTCUT_NAMES} == m and full["accuracy"] == pytest.approx(0.6)
-    assert not set(SHORTCUT_NAMES) & set(classification_metrics(labels, probs))
-    empty = shortcut_metrics(labels, pred, np.ones(10, bool))
+    full = classification_metrics(labels, probs, {"modality": in_preferred})
+    assert {k: full[k] for k in m} == m and full["accuracy"] == pytest.approx(0.6)
+    assert not set(GROUP_NAMES) & set(classification_metrics(labels, probs))
+    empty = shortcut_metrics(labels, pred, {"modality": np.ones(10, bool)})
     assert np.isnan(empty["accuracy_other"]) and np.isnan(empty["shortcut_gap"])
 
 
@@ -54,11 +55,11 @@ def test_shifted_split_draws_modality_independently_of_the_class() -> None:
     assert np.array_equal(test.images.numpy(), plain.splits["shifted"].images.numpy())
     assert len(test) == 1200 and np.bincount(test.labels).tolist() == [100] * 12
 
-    share = shifted.in_preferred_modality("test").mean()
+    share = shifted.shortcut_agreement("test")["modality"].mean()
     assert abs(share - 1 / 3) < 0.045, share  # 3.3 standard deviations at n = 1200
     table = np.array([np.bincount(test.modality[test.labels == c], minlength=3) for c in range(12)])
     assert chi2_contingency(table).pvalue > 0.001, table
-    assert plain.in_preferred_modality("test").mean() == pytest.approx(0.6, abs=0.045)
+    assert plain.shortcut_agreement("test")["modality"].mean() == pytest.approx(0.6, abs=0.045)
     regions = test.regions.numpy()
     assert regions.shape == (1200, 16, 16) and set(np.unique(regions)) == {0, 1, 2}
 
