@@ -66,9 +66,9 @@ class EnvConfig:
     """``classifiable``: -CE per image (the paper's sign); ``adversarial``: +CE; ``correct``: 1 when right;
     ``biased``: aimed at the shortcut, ``CE_biased - bias_weight * CE``, where ``CE_biased`` is the cross-entropy of a
     *biased* auxiliary classifier that trains alongside on the same masked batches with the generalised
-    cross-entropy, so it reads the easiest cue (Learning from Failure; ``classifiers.train.generalized_cross_entropy``), read in eval
-    mode on the masked image: the policy is rewarded for hiding what the biased model reads, less what the classifier
-    itself loses (docs/method.md, section 9)."""
+    cross-entropy, so it reads the easiest cue (Learning from Failure; ``classifiers.train.generalized_cross_entropy``),
+    read in eval mode on the masked image: the policy is rewarded for hiding what the biased model reads, less what the
+    classifier itself loses (docs/method.md, section 8)."""
     mask_op: str = "multiply"
     """How the mask acts on the normalised image: ``multiply`` (the paper's, ``M * x``) or ``blend``
     (``M * x + (1 - M) * S(x)`` with ``S`` a random restyling per image, ``envs.masks.random_style``)."""
@@ -78,7 +78,7 @@ class EnvConfig:
     """With the ``biased`` reward: the weight of the classifier's own cross-entropy, subtracted from the biased
     classifier's. 0 by default: the mask budget already leaves the classifier half of each image, and with weight 1 the
     policy first hid the background, keeping what both models read, until the biased model had latched onto the
-    shortcut (docs/method.md, section 9)."""
+    shortcut (docs/method.md, section 8)."""
     mask_budget: float | None = None
     """Hold each image's mean grid value at this budget in (0, 1) (``envs.masks.hold_mean``), so a policy chooses where
     the noise goes, not how much; None: grids are applied as given."""
