@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from PIL import Image
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay
 
@@ -122,6 +124,13 @@ def reliability_figure(labels: np.ndarray, probs: np.ndarray, bins: int = ECE_BI
     return fig
 
 
+def draw(fig: Figure) -> np.ndarray:
+    """The figure drawn by matplotlib's Agg renderer at its own size and dpi: RGB uint8 (H, W, 3)."""
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
 def write_figures(folder: str | Path, labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str],
                   logger: RunLogger | None = None, step: int = 0, split: str = "test") -> list[Path]:
     """Write the three figures of one evaluation as ``<folder>/<name>.png`` (:data:`FIGURES`) and, with ``logger``,
@@ -131,9 +140,10 @@ def write_figures(folder: str | Path, labels: np.ndarray, probs: np.ndarray, cla
                "reliability": reliability_figure(labels, probs)}
     paths = []
     for name, fig in figures.items():
+        rgb = draw(fig)  # once, for the file and TensorBoard alike
         path = Path(folder) / f"{name}.png"
-        fig.savefig(path, dpi=100)
+        Image.fromarray(rgb).save(path)
         paths.append(path)
         if logger is not None:
-            logger.figure(step, f"{split}/{name}", fig)
+            logger.picture(step, f"{split}/{name}", rgb)
     return paths

@@ -8,16 +8,14 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 
 from classifiers.io import atomic_write
-
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -151,10 +149,10 @@ class RunLogger:
         if self.enabled:
             self.writer.add_image(tag, make_grid(batch.detach().float().cpu().clamp(0, 1), nrow=nrow, padding=1), step)
 
-    def figure(self, step: int, tag: str, fig: Figure) -> None:
-        """A matplotlib figure, drawn as an image (the figure stays open: its owner may also save it)."""
+    def picture(self, step: int, tag: str, rgb: np.ndarray) -> None:
+        """One RGB uint8 picture (H, W, 3), such as a drawn figure (``classifiers.figures``)."""
         if self.enabled:
-            self.writer.add_figure(tag, fig, step, close=False)
+            self.writer.add_image(tag, rgb, step, dataformats="HWC")
 
     def histogram(self, step: int, tag: str, values: torch.Tensor) -> None:
         if self.enabled:
