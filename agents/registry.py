@@ -1,9 +1,18 @@
-"""One registry maps an ``--algo`` name to an agent, so swapping algorithms is one flag."""
+"""One registry maps an ``--algo`` name to an agent, so swapping algorithms is one flag.
+
+Agents of other packages join it through the entry-point group ``noisemask.agents``: a package that declares
+``[project.entry-points."noisemask.agents"] my-agent = "mypkg:register"`` has ``mypkg.register()`` called once, when
+this module is first imported, and registers its agents with :func:`register`; ``--algo my-agent`` then works in
+``scripts/pretrain.py`` and ``scripts/compare.py``. A plugin that fails to load is named in one line on stderr, and
+the other agents still work (docs/agents.md).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.metadata
+import sys
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
@@ -99,7 +108,7 @@ register("reinforce-budget", Reinforce, _REINFORCE_OPTIONS,
          "classifier's cross-entropy (adversarial); the policy sets cell means held at the budget, each cell's Beta at "
          "concentration 2 (Beta(1, 1) at an even spread)", env=BUDGETED_ENV,
          defaults=BUDGETED_DEFAULTS)
-LFF_ENV = BUDGETED_ENV | {"reward": "biased"}
+LFF_ENV = BUDGETED_ENV | {"reward": "biased", "reward_reference": "uniform"}
 """The shortcut-aimed objective: the budgeted one, rewarded by what a biased classifier (generalised cross-entropy,
 Learning from Failure) loses on the masked image (``envs.core.EnvConfig.reward``)."""
 register("reinforce-lff", Reinforce, _REINFORCE_OPTIONS,
@@ -117,6 +126,28 @@ for _module in ("agents.sb3",):
             raise
 
 
+PLUGIN_GROUP = "noisemask.agents"
+"""The entry-point group other packages declare their agents in."""
+PLUGIN_ERRORS: dict[str, str] = {}
+"""Entry point name -> why it failed to load (one line), for the plugins that did."""
+
+
+def load_plugins() -> None:
+    """Call every entry point of :data:`PLUGIN_GROUP` (each registers its agents); a failure is recorded in
+    :data:`PLUGIN_ERRORS` and named in one line on stderr, and the rest go on. Called once, when this module is first
+    imported; calling it again loads the entry points installed since (a plugin already loaded registers again)."""
+    for point in importlib.metadata.entry_points(group=PLUGIN_GROUP):
+        try:
+            point.load()()
+        except Exception as exc:  # whatever a plugin raises, the other agents must still work
+            reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            PLUGIN_ERRORS[point.name] = reason
+            print(f"noisemask: the agent plugin {point.name!r} ({point.value}) failed to load ({reason}); the other "
+                  "agents still work", file=sys.stderr)
+        else:
+            PLUGIN_ERRORS.pop(point.name, None)
+
+
 def algo_names() -> list[str]:
     return sorted(AGENTS)
 
@@ -124,7 +155,11 @@ def algo_names() -> list[str]:
 def make_agent(name: str, options: dict[str, Any] | None = None) -> Agent:
     """Build the agent registered as ``name`` from the options it accepts (None values keep defaults)."""
     if name not in AGENTS:
-        raise ValueError(f"unknown algo {name!r}; use one of {', '.join(algo_names())}")
+        failed = f" (its plugin failed to load: {PLUGIN_ERRORS[name]})" if name in PLUGIN_ERRORS else ""
+        raise ValueError(f"unknown algo {name!r}{failed}; use one of {', '.join(algo_names())}")
     entry = AGENTS[name]
     kwargs = {k: v for k, v in options_for(name, options or {}).items() if k in entry.options}
     return entry.factory(**kwargs, **dict(entry.fixed))
+
+
+load_plugins()

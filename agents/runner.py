@@ -51,6 +51,7 @@ from classifiers.metrics import SCALAR_METRICS
 from classifiers.runlog import RunLogger, ScalarWindow, Throughput, hparams_table, write_json
 from classifiers.train import evaluate, with_saved_precision
 from envs.core import EnvConfig, PretrainCore, StepResult
+from envs.masks import random_style
 
 
 @dataclass
@@ -263,8 +264,12 @@ class PretrainRunner:
         n = min(16, grid.shape[0])
         mask = self.core.mask(grid[:n])
         clean = self.core.stepped_images[:n].float() / 255.0
+        masked = clean * mask
+        if self.cfg.env.mask_op == "blend":  # a restyling drawn for the picture, off the run's random streams
+            with torch.random.fork_rng(devices=[self.core.dev.device] if self.core.dev.cuda else []):
+                masked = torch.lerp(random_style(clean), clean, mask).clamp(0, 1)
         self.logger.images(step, "images/mask", mask)
-        self.logger.images(step, "images/masked", (clean * mask)[:, :3])
+        self.logger.images(step, "images/masked", masked[:, :3])
         self.logger.histogram(step, "mask/values", grid)
         policy = self.agent.mask_policy(self.probe.images) if self.probe is not None else None
         if policy is not None:

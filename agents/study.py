@@ -101,6 +101,9 @@ class StudyConfig:
     """Mask blur kernel size."""
     blur_sigma: float = 6.0
     """Mask blur sigma in pixels."""
+    mask_op: str = "multiply"
+    """How every method's mask acts: ``multiply`` or ``blend`` (``envs.core.EnvConfig.mask_op``); a method that
+    registers its own operator (``uniform-blend``) keeps it."""
     pretrain_lr: float = 0.1
     """Pretraining SGD learning rate; StepLR divides it by 10 at each third of the epochs (the paper: 30 of 90)."""
     pretrain_epochs: int = 10
@@ -192,7 +195,7 @@ class StudyConfig:
     def pretrain_config(self, method: str, seed: int, run_dir: Path) -> PretrainConfig:
         env = EnvConfig(dataset=self.pretrain_dataset, classifier=self.classifier, batch_size=self.batch_size,
                         image_size=self.image_size, grid=self.grid, blur_kernel=self.blur_kernel,
-                        blur_sigma=self.blur_sigma, lr=self.pretrain_lr,
+                        blur_sigma=self.blur_sigma, mask_op=self.mask_op, lr=self.pretrain_lr,
                         lr_step_epochs=max(1, round(self.pretrain_epochs / 3)), seed=seed, device=self.device,
                         precision=self.precision, workers=self.workers)
         return PretrainConfig(algo=method, env=env, epochs=self.pretrain_epochs, max_steps=self.pretrain_steps,
@@ -627,7 +630,9 @@ def results_markdown(rows: list[dict[str, Any]], cfg: StudyConfig, targets: tupl
                   f"{rates['linear_probe']}) after {cfg.warmup_epochs} warm-up epochs" if targets else "no fine-tuning")
     setting = (
         f"Pretraining on `{cfg.pretrain_dataset}` ({cfg.classifier}, {cfg.image_size} px, {pre}, lr {cfg.pretrain_lr}, "
-        f"grid {cfg.grid}, blur {cfg.blur_kernel}/{cfg.blur_sigma}); {finetuning}; batch {cfg.batch_size}; "
+        f"grid {cfg.grid}, blur {cfg.blur_kernel}/{cfg.blur_sigma}"
+        + (f", mask operator {cfg.mask_op}" if cfg.mask_op != "multiply" else "")
+        + f"); {finetuning}; batch {cfg.batch_size}; "
         f"classifiers trained in {cfg.precision}, evaluated in fp32. Seeds {list(cfg.seeds)} (n = {n} per cell). "
         "Metrics on each target's test split (val where it has none)."
     )

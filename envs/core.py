@@ -32,7 +32,7 @@ from envs.masks import MASK_OPS, NoiseMask, hold_mean, random_style
 
 REWARDS = ("classifiable", "adversarial", "correct", "biased")
 REWARD_FORWARDS = ("train", "eval")
-REWARD_REFERENCES = ("none", "constant")
+REWARD_REFERENCES = ("none", "constant", "uniform")
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -65,10 +65,10 @@ class EnvConfig:
     reward: str = "classifiable"
     """``classifiable``: -CE per image (the paper's sign); ``adversarial``: +CE; ``correct``: 1 when right;
     ``biased``: aimed at the shortcut, ``CE_biased - bias_weight * CE``, where ``CE_biased`` is the cross-entropy of a
-    *biased* auxiliary classifier that trains alongside on the same masked batches with the generalised
-    cross-entropy, so it reads the easiest cue (Learning from Failure; ``classifiers.train.generalized_cross_entropy``),
-    read in eval mode on the masked image: the policy is rewarded for hiding what the biased model reads, less what the
-    classifier itself loses (docs/method.md, section 8)."""
+    *biased* auxiliary classifier that trains alongside, on the batches under uniform masks at the budget, with the
+    generalised cross-entropy, so it reads the easiest cue (Learning from Failure;
+    ``classifiers.train.generalized_cross_entropy``), read in eval mode on the masked image: the policy is rewarded
+    for hiding what the biased model reads, less what the classifier itself loses (docs/method.md, section 8)."""
     mask_op: str = "multiply"
     """How the mask acts on the normalised image: ``multiply`` (the paper's, ``M * x``) or ``blend``
     (``M * x + (1 - M) * S(x)`` with ``S`` a random restyling per image, ``envs.masks.random_style``)."""
@@ -76,9 +76,7 @@ class EnvConfig:
     """With the ``biased`` reward: the generalised cross-entropy's ``q`` of the biased classifier (LfF: 0.7)."""
     bias_weight: float = 0.0
     """With the ``biased`` reward: the weight of the classifier's own cross-entropy, subtracted from the biased
-    classifier's. 0 by default: the mask budget already leaves the classifier half of each image, and with weight 1 the
-    policy first hid the background, keeping what both models read, until the biased model had latched onto the
-    shortcut (docs/method.md, section 8)."""
+    classifier's. 0 by default: the mask budget already leaves the classifier half of each image."""
     mask_budget: float | None = None
     """Hold each image's mean grid value at this budget in (0, 1) (``envs.masks.hold_mean``), so a policy chooses where
     the noise goes, not how much; None: grids are applied as given."""
@@ -93,7 +91,10 @@ class EnvConfig:
     (``reward_forward``; in train mode a second, no-grad forward on the reference batch whose BatchNorm statistics
     are thrown away), so the reward says how much *this* mask changes *this* image's cross-entropy compared with
     spreading the budget evenly. It does not depend on the sampled mask, so the policy gradient stays unbiased, and it
-    takes the image's own difficulty out of the reward. Needs ``mask_budget``."""
+    takes the image's own difficulty out of the reward. Needs ``mask_budget``. ``uniform``: the same under a fresh
+    Beta(1, 1) grid held at the budget (the operator's non-learned control), drawn independently of the policy's, so
+    the reward says how much more this mask hides than a random one; the ``biased`` reward's classifier trains on
+    that same batch, so its reference is a mask of the kind it knows."""
     max_steps: int | None = None
     """Truncate each episode after this many steps (None: one pass over the training set)."""
     seed: int = 0
@@ -135,9 +136,9 @@ class EnvConfig:
         if self.reward_reference not in REWARD_REFERENCES:
             raise ValueError(f"unknown reward_reference {self.reward_reference!r}; use one of "
                              f"{', '.join(REWARD_REFERENCES)}")
-        if self.reward_reference == "constant" and self.mask_budget is None:
-            raise ValueError("reward_reference 'constant' (each image under the constant mask at the budget) needs a "
-                             "mask_budget; set one (for example 0.5), or use reward_reference 'none'")
+        if self.reward_reference != "none" and self.mask_budget is None:
+            raise ValueError(f"reward_reference {self.reward_reference!r} (each image under a reference mask at the "
+                             "budget) needs a mask_budget; set one (for example 0.5), or use reward_reference 'none'")
         if self.mask_budget is not None and not 0.0 < self.mask_budget < 1.0:
             raise ValueError(f"mask budget {self.mask_budget} must lie strictly between 0 and 1 (the mean mask value "
                              "each image keeps; 0.5 is what Beta(1, 1) masks give on average)")
@@ -169,8 +170,8 @@ class StepResult:
     biased_loss: torch.Tensor | None = None
     """With the ``biased`` reward: the biased classifier's per-image cross-entropy on the masked batch (B,)."""
     biased_correct: torch.Tensor | None = None
-    """With the ``biased`` reward: the biased classifier's per-image correctness in its own training step on the masked
-    batch (B,): how well it reads the cues the masks leave."""
+    """With the ``biased`` reward: the biased classifier's per-image correctness in its own training step (on the batch
+    under uniform masks) (B,): how well it reads the cues masks leave."""
 
 
 class PretrainCore:
@@ -307,6 +308,16 @@ class PretrainCore:
             x = self.mask.apply(x, grid, styled)
         return perturb(x) if perturb is not None else x
 
+    def _uniformly_masked(self, clean: torch.Tensor, styled: torch.Tensor | None) -> torch.Tensor:
+        """The batch under Beta(1, 1) grids held at the budget (the operator's non-learned control): what the ``biased``
+        reward's classifier trains on. Masks in general are then familiar to it, so hiding the background is no news
+        to it; the policy's own pattern is not, so it cannot adapt to it (docs/method.md, section 8.3)."""
+        b, g = clean.shape[0], self.cfg.grid
+        grid = self.applied_grid(torch.rand(b, g, g, device=clean.device))
+        if styled is None and self.cfg.mask_op == "blend":
+            styled = random_style(clean)
+        return self._masked(clean, grid, None, styled)
+
     def _constant_mask(self, clean: torch.Tensor, styled: torch.Tensor | None, perturb: Transform | None
                        ) -> torch.Tensor:
         """The input under the constant mask at the budget: the constant grid gives the constant mask (the rows of the
@@ -348,7 +359,11 @@ class PretrainCore:
         clean = self._normalised(self.images, augment)  # once: a random augmentation must be the same in both passes
         styled = self._styled(clean, grid)
         x = self._masked(clean, grid, perturb, styled)
-        ref = self._constant_mask(clean, styled, perturb) if self.cfg.reward_reference == "constant" else None
+        uniform = self._uniformly_masked(clean, styled) if self.biased is not None \
+            or self.cfg.reward_reference == "uniform" else None
+        ref = {"constant": lambda: self._constant_mask(clean, styled, perturb),
+               "uniform": lambda: perturb(uniform) if perturb is not None else uniform,
+               "none": lambda: None}[self.cfg.reward_reference]()
         b = x.shape[0]
         own = ref_score = None
         biased = biased_ref = None
@@ -383,9 +398,9 @@ class PretrainCore:
             raise
         loss, correct, reward = found["loss"], found["correct"], found["reward"]
         biased_correct = None
-        if self.biased is not None:  # the biased classifier learns from the classifier's own inputs, as in LfF
+        if self.biased is not None:
             q = self.cfg.bias_q
-            _, logits_b = supervised_step(self.biased_model, self.biased_optimizer, x, self.labels, self.dev,
+            _, logits_b = supervised_step(self.biased_model, self.biased_optimizer, uniform, self.labels, self.dev,
                                           step=self.global_step,
                                           criterion=lambda z, y: generalized_cross_entropy(z, y, q))
             biased_correct = (logits_b.argmax(1) == self.labels).float()

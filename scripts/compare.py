@@ -26,6 +26,7 @@ from agents.study import BALANCED_BIAS, Study, StudyConfig, bias_sweep
 from classifiers.cli import fail_cleanly
 from classifiers.finetune import SCHEDULES, SCRATCH
 from classifiers.train import PRECISIONS
+from envs.masks import MASK_OPS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grid", type=int, help=f"noise-mask grid side (default: {d.grid})")
     p.add_argument("--blur-kernel", type=int, help=f"mask blur kernel (default: {d.blur_kernel})")
     p.add_argument("--blur-sigma", type=float, help=f"mask blur sigma (default: {d.blur_sigma})")
+    p.add_argument("--mask-op", choices=MASK_OPS, help="how every method's mask acts: multiply the image or blend it "
+                   f"with a random restyling (default: {d.mask_op}; uniform-blend and reinforce-lff-blend blend)")
     p.add_argument("--pretrain-lr", type=float, help=f"pretraining learning rate (default: {d.pretrain_lr})")
     p.add_argument("--pretrain-epochs", type=int, help=f"pretraining epochs (default: {d.pretrain_epochs})")
     p.add_argument("--pretrain-steps", type=int, help="stop pretraining after this many steps")

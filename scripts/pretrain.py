@@ -10,7 +10,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from typing import Any
 
 from agents.registry import AGENTS, algo_names
 from agents.runner import PretrainConfig, pretrain
@@ -53,6 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ckpt-every", type=int, default=100, help="steps between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
     p.add_argument("--sync-bn", action="store_true", help="under torchrun on CUDA: SyncBatchNorm in the classifier")
+    p.add_argument("--agent-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the chosen agent that no flag below sets (a plugin's: docs/agents.md); the value "
+                        "is read as JSON (0.5, true, \"text\") or else as text; repeatable")
 
     r = p.add_argument_group("reinforce (our agent)")
     r.add_argument("--policy-lr", type=float, default=None, help="policy SGD lr (default: --lr / 10)")
@@ -103,6 +108,25 @@ def chosen_env(a: argparse.Namespace) -> frozenset[str]:
     return frozenset(k for k in CHOSEN_ENV if getattr(a, k) is not None)
 
 
+def agent_options(a: argparse.Namespace) -> dict[str, Any]:
+    """The ``--agent-option KEY=VALUE`` pairs; a key the chosen agent does not take is refused, naming the ones it
+    takes."""
+    out: dict[str, Any] = {}
+    for pair in a.agent_option:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--agent-option {pair!r} is not KEY=VALUE; write it as, for example, elite=0.25")
+        taken = AGENTS[a.algo].options if a.algo in AGENTS else ()
+        if key not in taken:
+            raise ValueError(f"--agent-option {key}: the agent {a.algo!r} takes no option {key!r}; it takes "
+                             f"{', '.join(taken) or 'none'}")
+        try:
+            out[key] = json.loads(text)
+        except ValueError:
+            out[key] = text
+    return out
+
+
 def config_from_args(a: argparse.Namespace) -> PretrainConfig:
     given = {k: getattr(a, k) for k in chosen_env(a)}
     env = EnvConfig(dataset=a.dataset, classifier=a.classifier, batch_size=a.batch_size, image_size=a.image_size,
@@ -114,7 +138,8 @@ def config_from_args(a: argparse.Namespace) -> PretrainConfig:
         "policy_lr", "objective", "param", "baseline", "budget_concentration", "entropy_coef", "normalize_advantage",
         "max_grad_norm", "scale_classifier_loss", "noise_std", "loss_scale", "n_steps", "n_epochs", "sb3_batch_size",
         "ent_coef", "vf_coef", "gamma", "gae_lambda", "clip_range", "target_kl_per_cell")}
-    return PretrainConfig(algo=a.algo, env=env, agent={k: v for k, v in agent.items() if v is not None},
+    agent = {k: v for k, v in agent.items() if v is not None} | agent_options(a)
+    return PretrainConfig(algo=a.algo, env=env, agent=agent,
                           epochs=1 if a.epochs is None else a.epochs, max_steps=a.max_steps, run_dir=a.run_dir or "",
                           log_every=a.log_every, image_every=a.image_every, ckpt_every=a.ckpt_every)
 

@@ -62,7 +62,8 @@ def test_quick_study_at_a_tiny_size_writes_all_three_files(tmp_path: Path, capsy
     assert md.count("Paired difference to `none`") == 4 and "n = 2" in md
     assert "# The heated models, before fine-tuning" in md and "# What the policy learned" in md
     summary = md[md.index("## Summary"):md.index("Cells: ")]  # one table before the per-target ones
-    assert "| method | heated: gap | heated: shifted acc. | heated: shifted acc., perturbed |" in summary
+    assert ("| method | heated: gap | heated: worst group | heated: shifted acc. | heated: shifted acc., perturbed |"
+            in summary)
     assert summary.count("| reinforce | ") == 1 and summary.count("(+") + summary.count("(-") >= 5
     assert "## Over the run" in md and "Settings of each learned method" in md
     heated = read_csv(out / "heated.csv")
