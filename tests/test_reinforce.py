@@ -178,11 +178,14 @@ def test_advantage_normalisation_divides_by_the_batch_std(monkeypatch: pytest.Mo
     agent.observe(result(first))
     r = torch.tensor([-0.5, -3.0, -1.0, -2.5])
     agent.act(batch(b=4, seed=1))
-    agent.observe(result(r))
+    scalars = agent.observe(result(r))
     raw = r - (-1.0)
     std = ((raw - raw.mean()) ** 2).mean().sqrt()
     torch.testing.assert_close(seen[-1], raw / (std + 1e-8))
     assert seen[-1].std(unbiased=False) == pytest.approx(1.0, rel=1e-5)
+    # the logged statistics are the advantage's before normalisation, not a constant 1
+    assert float(scalars["policy/advantage_mean"]) == pytest.approx(float(raw.mean()))
+    assert float(scalars["policy/advantage_std"]) == pytest.approx(float(raw.std()))
 
 
 def test_policy_learns_only_through_observe_and_its_scalars_are_named() -> None:
@@ -190,11 +193,14 @@ def test_policy_learns_only_through_observe_and_its_scalars_are_named() -> None:
     before = [p.detach().clone() for p in agent.policy.parameters()]
     agent.act(batch())
     assert all(torch.equal(a, p) for a, p in zip(before, agent.policy.parameters()))
+    cell_entropy = agent._dist.entropy().mean()
     scalars = agent.observe(result(-torch.rand(6)))
     assert any(not torch.equal(a, p) for a, p in zip(before, agent.policy.parameters()))
-    for name in ("policy/loss", "policy/entropy", "policy/advantage_std", "policy/grad_norm", "policy/baseline",
-                 "policy/alpha_mean", "policy/beta_mean", "policy/beta_mean_value", "policy/lr"):
+    for name in ("policy/loss", "policy/entropy_per_cell", "policy/advantage_mean", "policy/advantage_std",
+                 "policy/grad_norm_before_clip", "policy/baseline", "policy/alpha_mean", "policy/beta_mean",
+                 "policy/lr"):
         assert np.isfinite(scalars[name]), name
+    torch.testing.assert_close(scalars["policy/entropy_per_cell"], cell_entropy)  # a cell's, not the grid's sum
     assert scalars["policy/lr"] < 0.01  # one cosine step down from the default lr / 10
 
 
@@ -303,7 +309,7 @@ def test_an_overlapped_update_raises_its_error_where_the_serial_one_does(monkeyp
     messages = []
     for overlap in (True, False):
         core, agent = sign_agent(overlap)
-        monkeypatch.setattr(core, "_reward", lambda loss, correct: torch.full_like(loss, float("nan")))
+        monkeypatch.setattr(core, "_reward", lambda loss, correct, biased=None: torch.full_like(loss, float("nan")))
         action = agent.act(core.images)
         assert (action.on_reward is not None) == overlap
         before = [p.detach().clone() for p in agent.policy.parameters()]
