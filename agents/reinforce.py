@@ -435,7 +435,7 @@ class Reinforce(Agent):
         mean_reward = all_mean(reward.mean())
         if cfg.objective == "official":
             loss = official_loss(cell_logp, all_mean(ce.mean()))
-            adv = reward - mean_reward
+            raw_adv = reward - mean_reward
         else:
             if not self.baseline_ready:
                 self.baseline.copy_(mean_reward)
@@ -445,6 +445,7 @@ class Reinforce(Agent):
                 adv = (reward - mean_reward) * n / max(1, n - 1)  # r_i - mean of the other n - 1 rewards
             else:
                 adv = reward - self.baseline
+            raw_adv = adv  # logged as it is before any normalisation
             if cfg.normalize_advantage:
                 centred = adv - all_mean(adv.mean())
                 adv = adv / (all_mean((centred**2).mean()).sqrt() + 1e-8)
@@ -461,14 +462,15 @@ class Reinforce(Agent):
         self.optimizer.step()
         self.scheduler.step()
         alpha, beta = dist.concentration1.detach(), dist.concentration0.detach()
+        raw_adv = raw_adv.detach()
         stats = torch.stack([
-            loss.detach(), entropy.detach().mean(), adv.detach().std() if adv.numel() > 1 else adv.new_zeros(()),
-            grad_norm.detach().float(), self.baseline.float(),
-            alpha.mean(), alpha.std(), beta.mean(), beta.std(), (alpha / (alpha + beta)).mean(),
+            loss.detach(), entropy.detach().mean() / grid[0].numel(), raw_adv.mean(),
+            raw_adv.std() if raw_adv.numel() > 1 else raw_adv.new_zeros(()), grad_norm.detach().float(),
+            self.baseline.float(), alpha.mean(), alpha.std(), beta.mean(), beta.std(),
         ])
-        names = ["policy/loss", "policy/entropy", "policy/advantage_std", "policy/grad_norm", "policy/baseline",
-                 "policy/alpha_mean", "policy/alpha_std", "policy/beta_mean", "policy/beta_std",
-                 "policy/beta_mean_value"]
+        names = ["policy/loss", "policy/entropy_per_cell", "policy/advantage_mean", "policy/advantage_std",
+                 "policy/grad_norm_before_clip", "policy/baseline", "policy/alpha_mean", "policy/alpha_std",
+                 "policy/beta_mean", "policy/beta_std"]
         # 0-d tensors, read on the host only when the runner's logging window closes: no device sync per step.
         scalars = dict(zip(names, stats.unbind())) | {"policy/lr": self.optimizer.param_groups[0]["lr"]}
         if self._loss_scale is not None:

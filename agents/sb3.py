@@ -523,10 +523,9 @@ class SB3Agent(Agent):
         self.untrained_steps += 1
         dist = self.model.policy.action_dist.distribution
         alpha, beta = dist.concentration1.detach(), dist.concentration0.detach()
-        scalars = {"policy/entropy": dist.entropy().detach().sum(-1).mean(),
+        scalars = {"policy/entropy_per_cell": dist.entropy().detach().mean(),
                    "policy/alpha_mean": alpha.mean(), "policy/alpha_std": alpha.std(),
                    "policy/beta_mean": beta.mean(), "policy/beta_std": beta.std(),
-                   "policy/beta_mean_value": (alpha / (alpha + beta)).mean(),
                    **{_TRAIN_STATS[k]: v for k, v in self.train_stats.items()
                       if k in _TRAIN_STATS and math.isfinite(v)}}  # metrics.jsonl holds finite numbers only
         self.runner.after_step(result, scalars)

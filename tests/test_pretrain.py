@@ -24,8 +24,9 @@ COMMON_SCALARS = {"train/loss", "train/accuracy", "train/lr", "train/epoch", "re
                   "perf/images_per_second", "perf/overhead", "val/loss", "val/accuracy", "val/balanced_accuracy",
                   "val/macro_f1", "val/roc_auc"}
 MASK_SCALARS = {"mask/mean", "mask/std"}
-POLICY_SCALARS = {"policy/loss", "policy/entropy", "policy/advantage_std", "policy/grad_norm", "policy/baseline",
-                  "policy/alpha_mean", "policy/beta_mean", "policy/beta_mean_value", "policy/lr"}
+POLICY_SCALARS = {"policy/loss", "policy/entropy_per_cell", "policy/advantage_mean", "policy/advantage_std",
+                  "policy/grad_norm_before_clip", "policy/baseline", "policy/alpha_mean", "policy/beta_mean",
+                  "policy/lr"}
 LEARNING = {"reinforce", "reinforce-official", "reinforce-official-scaled", "reinforce-budget", "reinforce-lff",
             "reinforce-lff-blend"}
 MASKING = LEARNING | {"uniform-mask", "uniform-blend", "saliency-mask"}
@@ -104,7 +105,7 @@ def test_tensorboard_holds_scalars_images_histograms_and_hyperparameters(script,
     run_dir = tmp_path / "tb"
     assert script.main(tiny_args(synthrad_spec, run_dir, "reinforce")) == 0
     acc = events(run_dir)
-    for tag in ("train/loss", "train/accuracy", "reward/mean", "policy/loss", "policy/entropy", "mask/mean",
+    for tag in ("train/loss", "train/accuracy", "reward/mean", "policy/loss", "policy/entropy_per_cell", "mask/mean",
                 "perf/images_per_second"):
         values = acc.Scalars(tag)
         assert [e.step for e in values] == [2, 4], tag

@@ -201,7 +201,8 @@ def test_pretrain_script_writes_the_run_folder(tmp_path: Path, synthrad_spec: st
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "train/loss" in r]
     assert train[-1]["step"] == 64 and any("val/accuracy" in r for r in records)
-    for key in ("policy/loss", "policy/value_loss", "policy/entropy", "policy/alpha_mean", "policy/beta_mean"):
+    for key in ("policy/loss", "policy/value_loss", "policy/entropy_per_cell", "policy/alpha_mean",
+                "policy/beta_mean"):
         assert all(math.isfinite(r[key]) for r in train if key in r), key
         assert any(key in r for r in train), key
 
