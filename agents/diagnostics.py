@@ -11,7 +11,8 @@ With ``mu[i, c] = alpha / (alpha + beta)``, the mean mask value of image ``i``'s
 - ``kl_uniform``: mean over images and cells of KL(policy || Beta(1, 1)); 0 for the uniform mask.
 - ``kl_initial``: mean over images and cells of KL(policy || the same policy at step 0). Drift and learning
   both raise it; read it beside the rest.
-- ``mask_mean``: mean of ``mu``: how much of the image the mask keeps on average.
+- ``mask_mean``: mean of ``mu``: how much of the image the policy expects to keep on the probe, before any mask
+  budget (the runner's ``mask/mean`` is the other view: the grids the classifier trained on, as applied).
 - ``image_spread``: the spread across images of each cell's ``mu`` (standard deviation over images, mean over
   cells): 0 for a policy that ignores the image, which drift alone leaves at exactly 0 when the head ignores
   the image.
@@ -31,7 +32,8 @@ With ``mu[i, c] = alpha / (alpha + beta)``, the mean mask value of image ``i``'s
 An agent whose masks are not drawn from a Beta (``saliency-mask``) has only an expected grid
 (``Agent.expected_grid``): it gets the statistics of ``mu`` and the regions, not the KL divergences.
 
-The runner also logs :func:`mean_mask_per_class`, the expected mask averaged over each class's probe images.
+The runner also draws the probe in TensorBoard (``agents.mask_figure``): per class, an image, its expected mask
+(:func:`expected_masks`), a masked image, and :func:`mean_mask_per_class` against the mean over the probe.
 """
 
 from __future__ import annotations
@@ -111,7 +113,7 @@ def policy_diagnostics(policy: Beta | torch.Tensor, probe: Probe, mask: NoiseMas
             expected mask is then that of the mean grid, an approximation.
     """
     dist = policy if isinstance(policy, Beta) else None
-    mu = (dist.mean if dist is not None else policy).float()
+    mu = _mean_grid(policy)
     out = {
         "diagnostics/mask_mean": mu.mean(),
         "diagnostics/image_spread": mu.std(0, correction=0).mean(),
@@ -125,7 +127,7 @@ def policy_diagnostics(policy: Beta | torch.Tensor, probe: Probe, mask: NoiseMas
             start = Beta(initial.concentration1.float(), initial.concentration0.float())
             out["diagnostics/kl_initial"] = kl_divergence(current, start).mean()
     if probe.regions is not None:
-        expected = mask(applied(mu) if applied is not None else mu)[:, 0]
+        expected = expected_masks(policy, mask, applied)[:, 0]
         regions = probe.regions
         background = regions == 0
         out |= {
@@ -141,13 +143,23 @@ def policy_diagnostics(policy: Beta | torch.Tensor, probe: Probe, mask: NoiseMas
     return out
 
 
-def mean_mask_per_class(policy: Beta | torch.Tensor, probe: Probe, mask: NoiseMask, applied: GridMap | None = None
-                        ) -> torch.Tensor:
-    """The expected mask averaged over each class's probe images, (K, 1, H, W); zeros for a class with none
-    (``policy`` and ``applied`` as in :func:`policy_diagnostics`)."""
-    mu = (policy.mean if isinstance(policy, Beta) else policy).float()
-    expected = mask(applied(mu) if applied is not None else mu)
-    out = expected.new_zeros(probe.num_classes, *expected.shape[1:])
-    counts = torch.bincount(probe.labels, minlength=probe.num_classes).clamp_min(1).to(expected.dtype)
-    out.index_add_(0, probe.labels, expected)
+def _mean_grid(policy: Beta | torch.Tensor) -> torch.Tensor:
+    """Each cell's mean mask value ``mu`` (P, G, G) of a policy given as in :func:`policy_diagnostics`."""
+    return (policy.mean if isinstance(policy, Beta) else policy).float()
+
+
+def expected_masks(policy: Beta | torch.Tensor, mask: NoiseMask, applied: GridMap | None = None) -> torch.Tensor:
+    """The expected mask of each image, (P, 1, H, W): the blurred upsampled mean grid (masks are linear in the grid;
+    held at a budget, the mask of the mean grid, an approximation). ``policy`` and ``applied`` as in
+    :func:`policy_diagnostics`."""
+    mu = _mean_grid(policy)
+    return mask(applied(mu) if applied is not None else mu)
+
+
+def mean_mask_per_class(expected: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The expected masks (P, 1, H, W) of :func:`expected_masks` averaged over each class's images (``labels``,
+    (P,)): (K, 1, H, W), zeros for a class with none."""
+    out = expected.new_zeros(num_classes, *expected.shape[1:])
+    counts = torch.bincount(labels, minlength=num_classes).clamp_min(1).to(expected.dtype)
+    out.index_add_(0, labels, expected)
     return out / counts.view(-1, 1, 1, 1)

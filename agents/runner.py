@@ -10,22 +10,31 @@ exactly as the uninterrupted run would have.
 What a run measures beyond losses and rewards:
 
 - every logging step, for an agent with a mask distribution, the policy diagnostics of ``agents.diagnostics`` on
-  a fixed probe batch of validation images (``diagnostics/...``), and with the image grids (at the first step,
-  every ``image_every`` steps and the last) the expected mask averaged per class;
-- every validation pass, on data that knows each image's modality (synthrad), the shortcut metrics
-  (``val/shortcut_gap`` ...; ``classifiers.metrics.shortcut_metrics``);
+  a fixed probe batch of validation images (``diagnostics/...``), and at the first step, every ``image_every``
+  steps and the last, the probe drawn per class (``agents.mask_figure``) and the histogram of the step's grids;
+- every validation pass (every epoch end, and every ``eval_every`` steps), the validation split on clean inputs
+  (``val/...``) and, for an agent that perturbs its inputs, on inputs perturbed as in training (``val_perturbed/...``),
+  with, on data that knows each image's modality (synthrad), the shortcut metrics (``val/shortcut_gap`` ...;
+  ``classifiers.metrics.shortcut_metrics``);
 - at the end, the heated model's own figures (``heated/<split>/...`` and ``heated/<split>_perturbed/...``): on the
   test split and, for synthrad's pretraining task, its modality-shifted split, on clean inputs and on inputs
   perturbed as in training (masks drawn from the agent's final policy; ``Agent.evaluation_action``). They go to
-  ``metrics.jsonl``, TensorBoard and ``heated_metrics.json`` (with the final diagnostics).
+  ``metrics.jsonl`` and ``heated_metrics.json`` (with the final diagnostics); TensorBoard shows them as one table
+  (``heated/table``) and the key ones (``agents.overview.key_figures``) as scalars.
+
+TensorBoard also gets what a reader needs first (``agents.overview``): an overview layout of custom scalars, a legend
+in the Text tab, and the run's row of the HParams dashboard (every setting, with the agent's defaults resolved, and the
+key final figures).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import time
-from collections.abc import Collection
-from dataclasses import asdict, dataclass, field
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +43,10 @@ from torch.distributions import Beta
 from tqdm import tqdm
 
 from agents.base import Agent
-from agents.diagnostics import make_probe, mean_mask_per_class, policy_diagnostics
-from agents.registry import environment_for, make_agent, options_for
+from agents.diagnostics import expected_masks, make_probe, mean_mask_per_class, policy_diagnostics
+from agents.mask_figure import probe_figure
+from agents.overview import LEGEND, OVERVIEW, SHOWN_SETTINGS, heated_table, key_figures
+from agents.registry import AGENTS, environment_for, make_agent, options_for
 from classifiers.checkpoint import (
     decorrelate_ranks,
     open_run,
@@ -46,12 +57,12 @@ from classifiers.checkpoint import (
 )
 from classifiers.data import load_dataset, make_loader
 from classifiers.distributed import all_mean, barrier, init_from_env, is_main, shutdown
+from classifiers.figures import draw
 from classifiers.heated import save_heated
 from classifiers.metrics import SCALAR_METRICS
 from classifiers.runlog import RunLogger, ScalarWindow, Throughput, hparams_table, write_json
 from classifiers.train import evaluate, with_saved_precision
 from envs.core import EnvConfig, PretrainCore, StepResult
-from envs.masks import random_style
 
 
 @dataclass
@@ -77,7 +88,10 @@ class PretrainConfig:
     ckpt_every: int = 100
     """Steps between checkpoints (also written at every epoch end and at the end)."""
     eval_batch_size: int = 256
-    """Batch size of the validation pass after every epoch."""
+    """Batch size of the validation passes."""
+    eval_every: int | None = None
+    """Steps between validation passes within an epoch (clean and perturbed), for runs shorter than an epoch or
+    curves finer than one point per epoch; None: at every epoch end only (where a pass always runs)."""
 
     def validate(self) -> None:
         self.env.validate()
@@ -88,6 +102,8 @@ class PretrainConfig:
         for name in ("log_every", "image_every", "ckpt_every", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} {getattr(self, name)} must be at least 1")
+        if self.eval_every is not None and self.eval_every < 1:
+            raise ValueError(f"eval_every {self.eval_every} must be at least 1 (or None: at epoch ends only)")
 
     def as_recorded(self, chosen_env: Collection[str] = ()) -> PretrainConfig:
         """This configuration as its run records it in ``config.json``: with the environment settings and agent
@@ -167,15 +183,29 @@ class PretrainRunner:
             self.logger = RunLogger(self.run_dir, self.main)
             if self.main:
                 write_json(self.run_dir / "config.json", asdict(cfg))
-                self.logger.text("hyperparameters", hparams_table(self._flat_config()))
+                self._describe_run()
         self.window = ScalarWindow()
         self.throughput = Throughput()
         self.last_val: dict[str, float] = {}
+        self._perturbs: bool | None = None
+
+    def _describe_run(self) -> None:
+        """What a new run's TensorBoard shows before its first step: the settings (Text tab and HParams), the legend
+        and the overview layout (``agents.overview``)."""
+        settings = self._flat_config()
+        self.logger.text("hyperparameters", hparams_table(settings))
+        self.logger.text("about/legend", LEGEND)
+        self.logger.layout(OVERVIEW)
+        every_option = {f"agent.{o}" for entry in AGENTS.values() for o in entry.options}
+        self.logger.hparams(settings, key_figures(self.core.data.eval_split), self.run_dir.name, every_option,
+                            SHOWN_SETTINGS)
 
     def _flat_config(self) -> dict[str, Any]:
+        """Every setting of the run, flat: ``env.<field>``, ``agent.<option>`` (defaults resolved,
+        :func:`resolved_options`), the run's own fields, and the device the run resolved."""
         c = asdict(self.cfg)
         return {**{f"env.{k}": v for k, v in c.pop("env").items()},
-                **{f"agent.{k}": v for k, v in c.pop("agent").items()}, **c,
+                **{f"agent.{k}": v for k, v in resolved_options(self.agent, c.pop("agent")).items()}, **c,
                 "resolved_device": str(self.core.dev.device)}
 
     def _probe_distribution(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -230,7 +260,7 @@ class PretrainRunner:
             self._log_images(step, grid)
         if checkpoint:
             self.core.sync_buffers()
-        if epoch_end or self.done():
+        if epoch_end or self.done() or (self.cfg.eval_every and step % self.cfg.eval_every == 0):
             self._evaluate(step)
         if checkpoint:
             self.checkpoint_pending = True
@@ -261,40 +291,65 @@ class PretrainRunner:
         self.window.reset()
 
     def _log_images(self, step: int, grid: torch.Tensor) -> None:
-        n = min(16, grid.shape[0])
-        mask = self.core.mask(grid[:n])
-        clean = self.core.stepped_images[:n].float() / 255.0
-        masked = clean * mask
-        if self.cfg.env.mask_op == "blend":  # a restyling drawn for the picture, off the run's random streams
-            with torch.random.fork_rng(devices=[self.core.dev.device] if self.core.dev.cuda else []):
-                masked = torch.lerp(random_style(clean), clean, mask).clamp(0, 1)
-        self.logger.images(step, "images/mask", mask)
-        self.logger.images(step, "images/masked", masked[:, :3])
+        """The histogram of the step's grids, and the probe drawn per class (``agents.mask_figure``) for an agent with
+        a mask policy; its masked inputs come from a generator seeded with the run's seed, so every picture of a run
+        draws the same random numbers and differs by the policy alone."""
         self.logger.histogram(step, "mask/values", grid)
-        policy = self.agent.mask_policy(self.probe.images) if self.probe is not None else None
-        if policy is not None:
-            per_class = mean_mask_per_class(policy, self.probe, self.core.mask, self.core.applied_grid)
-            self.logger.images(step, "images/mean_mask_per_class", per_class, nrow=min(6, len(per_class)))
+        core, probe = self.core, self.probe
+        policy = self.agent.mask_policy(probe.images) if probe is not None else None
+        if policy is None:
+            return
+        expected = expected_masks(policy, core.mask, core.applied_grid)
+        with torch.no_grad(), self._seeded_rng():
+            action = self.agent.evaluation_action(probe.images)
+            masked = core.inputs(probe.images, action.grid, action.perturb, action.augment)
+        figure = probe_figure(probe.images.float() / 255.0, expected,
+                              masked * core.normalizer.std + core.normalizer.mean, probe.labels,
+                              mean_mask_per_class(expected, probe.labels, probe.num_classes), core.data.class_names,
+                              self.cfg.env.mask_op)
+        self.logger.picture(step, "images/probe_masks", draw(figure))
+
+    @contextmanager
+    def _seeded_rng(self) -> Iterator[None]:
+        """A block whose random numbers come from the run's seed, leaving the run's own random streams as they were."""
+        with torch.random.fork_rng(devices=[self.core.dev.device] if self.core.dev.cuda else []):
+            torch.manual_seed(self.cfg.env.seed)
+            yield
 
     def _evaluate(self, step: int) -> None:
+        """The validation pass: ``val/...`` on clean inputs and, for an agent that perturbs them, ``val_perturbed/...``
+        on inputs perturbed as in training (:meth:`evaluate_split`)."""
         if self.main:
-            metrics = evaluate(self.core.classifier, self.val_loader, self.core.dev, self.core.normalizer,
-                               self.core.data.shortcut_agreement("val"))
+            metrics = self.evaluate_split("val", perturbed=False, loader=self.val_loader)
             self.last_val = {f"val/{k}": float(metrics[k]) for k in SCALAR_METRICS if k in metrics}
-            self.logger.scalars(step, self.last_val)
+            values = dict(self.last_val)
+            if self.perturbs():
+                metrics = self.evaluate_split("val", perturbed=True, loader=self.val_loader)
+                values |= {f"val_perturbed/{k}": float(metrics[k]) for k in SCALAR_METRICS if k in metrics}
+            self.logger.scalars(step, values)
         barrier()
+
+    def perturbs(self) -> bool:
+        """Whether the agent changes the classifier's inputs (a grid, a perturbation or an augmentation), judged once
+        from its evaluation action on the probe (or the current batch)."""
+        if self._perturbs is None:
+            with self._seeded_rng():
+                action = self.agent.evaluation_action(self.probe.images if self.probe else self.core.images)
+            self._perturbs = any(x is not None for x in (action.grid, action.perturb, action.augment))
+        return self._perturbs
 
     def heated_splits(self) -> list[str]:
         """The splits the heated model is reported on: the test split (val without one) and synthrad's shifted one."""
         data = self.core.data
         return [data.eval_split] + (["shifted"] if "shifted" in data.splits else [])
 
-    def evaluate_heated(self, split: str, perturbed: bool) -> dict[str, Any]:
-        """The classifier's metrics on ``split``, clean or perturbed as in training (masks drawn from the agent's
-        current policy, from a generator seeded with the run's seed, so the figures are reproducible and training's
-        random streams are left alone)."""
+    def evaluate_split(self, split: str, perturbed: bool, loader: Any = None) -> dict[str, Any]:
+        """The classifier's metrics on ``split`` (read by ``loader``, or a new loader), clean or perturbed as in
+        training (masks drawn from the agent's current policy, from a generator seeded with the run's seed, so the
+        figures are reproducible and training's random streams are left alone)."""
         core = self.core
-        loader = make_loader(core.data, split, self.cfg.eval_batch_size, train=False)
+        if loader is None:
+            loader = make_loader(core.data, split, self.cfg.eval_batch_size, train=False)
         agreement = core.data.shortcut_agreement(split)
         if not perturbed:
             return evaluate(core.classifier, loader, core.dev, core.normalizer, agreement)
@@ -303,25 +358,23 @@ class PretrainRunner:
             action = self.agent.evaluation_action(images)
             return core.inputs(images, action.grid, action.perturb, action.augment)
 
-        devices = [core.dev.device] if core.dev.cuda else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.cfg.env.seed)
+        with self._seeded_rng():
             return evaluate(core.classifier, loader, core.dev, inputs, agreement)
 
     def _report_heated(self) -> None:
-        """Log the heated model's own figures and the final diagnostics; write ``heated_metrics.json``."""
+        """Log the heated model's own figures and the final diagnostics; write ``heated_metrics.json``; close the run's
+        HParams row."""
         step = self.core.global_step
-        with torch.random.fork_rng(devices=[self.core.dev.device] if self.core.dev.cuda else []):
-            action = self.agent.evaluation_action(self.probe.images if self.probe else self.core.images)
-        perturbs = any(x is not None for x in (action.grid, action.perturb, action.augment))
         figures: dict[str, float] = {}
         for split in self.heated_splits():
-            clean = self.evaluate_heated(split, perturbed=False)
-            masked = self.evaluate_heated(split, perturbed=True) if perturbs else clean
+            clean = self.evaluate_split(split, perturbed=False)
+            masked = self.evaluate_split(split, perturbed=True) if self.perturbs() else clean
             for name, metrics in ((split, clean), (f"{split}_perturbed", masked)):
                 figures |= {f"heated/{name}/{k}": float(metrics[k]) for k in SCALAR_METRICS if k in metrics}
         diagnostics = {k: float(v) for k, v in self.diagnostics().items()}
-        self.logger.scalars(step, figures)
+        self.logger.scalars(step, figures, tensorboard=key_figures(self.core.data.eval_split))
+        self.logger.text("heated/table", heated_table(figures), step)
+        self.logger.hparams_end(step)
         write_json(self.run_dir / "heated_metrics.json", {"step": step, "algo": self.cfg.algo, **figures,
                                                            **diagnostics})
 
@@ -367,6 +420,17 @@ class PretrainRunner:
     pbar: tqdm | None = None
     checkpoint_pending = False
     """A checkpoint fell due but the agent was mid-rollout; it is written at the agent's next rollout boundary."""
+
+
+def resolved_options(agent: Agent, given: dict[str, Any]) -> dict[str, Any]:
+    """The agent's options with every default resolved: its ``cfg`` dataclass where it has one (as the study's run keys
+    read it), else its constructor's defaults updated with the ``given`` options it takes."""
+    options = getattr(agent, "cfg", None)
+    if is_dataclass(options):
+        return asdict(options)
+    defaults = {name: p.default for name, p in inspect.signature(type(agent)).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    return defaults | {k: v for k, v in given.items() if k in defaults}
 
 
 def pretrain(cfg: PretrainConfig, resume: bool = False, keep_saved_length: bool = False,

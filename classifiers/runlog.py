@@ -1,19 +1,25 @@
-"""The run folder's logs: TensorBoard events and ``metrics.jsonl`` with the same scalars, plus ``config.json``."""
+"""The run folder's logs: TensorBoard events and ``metrics.jsonl`` with the same scalars, plus ``config.json``.
+
+Besides scalars, images and text, a run's own event file can hold its row of TensorBoard's HParams dashboard (the
+experiment, the session's start with the settings, its end; ``tensorboard.plugins.hparams``, one row per run folder)
+and a custom scalars layout (charts gathering several tags).
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from tensorboard.compat.proto.summary_pb2 import Summary
+from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2, summary_v2
 from torch.utils.tensorboard import SummaryWriter
-from torchvision.utils import make_grid
 
 from classifiers.io import atomic_write
 
@@ -41,6 +47,19 @@ def hparams_table(config: dict[str, Any]) -> str:
     """A Markdown table of the configuration, for TensorBoard's text tab."""
     rows = "\n".join(f"|{k}|{v}|" for k, v in sorted(config.items()))
     return f"|param|value|\n|-|-|\n{rows}"
+
+
+def hparam_value(value: Any) -> bool | int | float | str:
+    """A setting as the HParams dashboard takes it: numbers, booleans and text as they are, anything else (None, a
+    tuple) as its text."""
+    return value if isinstance(value, (bool, int, float, str)) else str(value)
+
+
+def _hparams_summary(tag: str, data: plugin_data_pb2.HParamsPluginData) -> Summary:
+    """An HParams plugin summary (``tag``: ``metadata.EXPERIMENT_TAG``, ``SESSION_END_INFO_TAG``, ...)."""
+    summary = Summary()
+    summary.value.add(tag=tag, metadata=metadata.create_summary_metadata(data), tensor=metadata.NULL_TENSOR)
+    return summary
 
 
 class ScalarWindow:
@@ -136,18 +155,16 @@ class RunLogger:
         os.fsync(self._metrics.fileno())
         return self._metrics.tell()
 
-    def scalars(self, step: int, values: dict[str, float]) -> None:
+    def scalars(self, step: int, values: dict[str, float], tensorboard: Collection[str] | None = None) -> None:
+        """One line of ``metrics.jsonl``; the same scalars in TensorBoard, or only those named in ``tensorboard``
+        (figures TensorBoard shows otherwise, such as in a table)."""
         if not self.enabled:
             return
         for k, v in values.items():
-            self.writer.add_scalar(k, v, step)
+            if tensorboard is None or k in tensorboard:
+                self.writer.add_scalar(k, v, step)
         self._metrics.write(json.dumps({"step": step, **values}, sort_keys=True) + "\n")
         self._metrics.flush()
-
-    def images(self, step: int, tag: str, batch: torch.Tensor, nrow: int = 8) -> None:
-        """A grid of images (N, C, H, W) with values in [0, 1]."""
-        if self.enabled:
-            self.writer.add_image(tag, make_grid(batch.detach().float().cpu().clamp(0, 1), nrow=nrow, padding=1), step)
 
     def picture(self, step: int, tag: str, rgb: np.ndarray) -> None:
         """One RGB uint8 picture (H, W, 3), such as a drawn figure (``classifiers.figures``)."""
@@ -158,9 +175,53 @@ class RunLogger:
         if self.enabled:
             self.writer.add_histogram(tag, values.detach().float().cpu().flatten(), step)
 
-    def text(self, tag: str, text: str) -> None:
+    def text(self, tag: str, text: str, step: int = 0) -> None:
+        """Markdown for TensorBoard's Text tab."""
         if self.enabled:
-            self.writer.add_text(tag, text, 0)
+            self.writer.add_text(tag, text, step)
+
+    def layout(self, charts: dict[str, dict[str, list[str]]]) -> None:
+        """TensorBoard's custom scalars layout: ``{category: {chart title: [tag regex, ...]}}``, each chart drawing
+        every tag that matches one of its regular expressions as a line."""
+        if self.enabled:
+            self.writer.add_custom_scalars({category: {title: ["Multiline", tags] for title, tags in chart.items()}
+                                            for category, chart in charts.items()})
+
+    def hparams(self, settings: dict[str, Any], metrics: dict[str, str], trial: str, columns: Iterable[str] = (),
+                shown: Collection[str] = ()) -> None:
+        """Start this run's row of the HParams dashboard, in its own event file: the experiment (its columns) and the
+        session's start (the row's values).
+
+        Args:
+            settings: the run's settings, name -> value (:func:`hparam_value` makes them numbers, booleans or text).
+            metrics: the row's figures, scalar tag -> display name; TensorBoard shows each tag's last value in this
+                run, so a tag written later (at the run's end) fills its cell then.
+            trial: the row's name (the run folder's), so that runs of equal settings stay rows of their own.
+            columns: more setting names to give a column, beyond ``settings``: TensorBoard takes the columns from one
+                run's experiment when a logdir holds several, so runs whose settings differ (other agents' options)
+                should all name the union.
+            shown: the columns the dashboard shows before one picks others (at most five): it shows the first five
+                columns marked as differing between runs, which one run cannot know, so these are marked.
+        """
+        if not self.enabled:
+            return
+        experiment = plugin_data_pb2.HParamsPluginData(experiment=api_pb2.Experiment(
+            hparam_infos=[api_pb2.HParamInfo(name=name, differs=name in shown)
+                          for name in sorted(set(settings) | set(columns))],
+            metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag), display_name=name)
+                          for tag, name in metrics.items()],
+            time_created_secs=time.time()))
+        start = summary_v2.hparams_pb({k: hparam_value(v) for k, v in settings.items()}, trial_id=trial)
+        for summary in (_hparams_summary(metadata.EXPERIMENT_TAG, experiment), start):
+            self.writer.file_writer.add_summary(summary)
+
+    def hparams_end(self, step: int) -> None:
+        """Mark this run's HParams session finished (at ``step``)."""
+        if self.enabled:
+            end = plugin_data_pb2.SessionEndInfo(status=api_pb2.STATUS_SUCCESS, end_time_secs=time.time())
+            self.writer.file_writer.add_summary(
+                _hparams_summary(metadata.SESSION_END_INFO_TAG, plugin_data_pb2.HParamsPluginData(
+                    session_end_info=end)), step)
 
     def close(self) -> None:
         if self.enabled:

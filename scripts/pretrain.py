@@ -53,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=10, help="steps between scalar logs")
     p.add_argument("--image-every", type=int, default=100, help="steps between mask image grids")
     p.add_argument("--ckpt-every", type=int, default=100, help="steps between checkpoints")
+    p.add_argument("--eval-every", type=int, default=None, help="steps between validation passes, clean and perturbed "
+                   "as in training (default: at every epoch end only; a pass always runs there)")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
     p.add_argument("--sync-bn", action="store_true", help="under torchrun on CUDA: SyncBatchNorm in the classifier")
     p.add_argument("--agent-option", action="append", default=[], metavar="KEY=VALUE",
@@ -141,7 +143,8 @@ def config_from_args(a: argparse.Namespace) -> PretrainConfig:
     agent = {k: v for k, v in agent.items() if v is not None} | agent_options(a)
     return PretrainConfig(algo=a.algo, env=env, agent=agent,
                           epochs=1 if a.epochs is None else a.epochs, max_steps=a.max_steps, run_dir=a.run_dir or "",
-                          log_every=a.log_every, image_every=a.image_every, ckpt_every=a.ckpt_every)
+                          log_every=a.log_every, image_every=a.image_every, ckpt_every=a.ckpt_every,
+                          eval_every=a.eval_every)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
                        chosen_env=chosen_env(args))
     if launch_rank() == 0:
         print(f"run folder: {run_dir}\nheated model: {run_dir / 'heated.pt'}\n"
-              f"TensorBoard: tensorboard --logdir {run_dir.parent}")
+              f"TensorBoard: tensorboard --logdir {run_dir.parent} (start at CUSTOM SCALARS; the Text tab's legend "
+              "names every tag)")
     return 0
 
 

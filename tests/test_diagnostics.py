@@ -10,8 +10,10 @@ import torch.nn.functional as F
 from test_reinforce import learn_sign
 from torch.distributions import Beta
 
-from agents.diagnostics import Probe, make_probe, mean_mask_per_class, policy_diagnostics
+from agents.diagnostics import Probe, expected_masks, make_probe, mean_mask_per_class, policy_diagnostics
+from agents.mask_figure import probe_figure
 from classifiers.data import load_dataset
+from classifiers.figures import draw
 from envs.masks import NoiseMask
 
 SIZE, G = 32, 8
@@ -97,11 +99,39 @@ def test_a_mask_that_follows_each_images_content(probe: Probe, mask: NoiseMask) 
 
 def test_mean_mask_per_class(probe: Probe, mask: NoiseMask) -> None:
     dist = content_following(probe)
-    per_class = mean_mask_per_class(dist, probe, mask)
-    assert per_class.shape == (12, 1, SIZE, SIZE)
-    expected = mask(dist.mean)
+    expected = expected_masks(dist, mask)
+    torch.testing.assert_close(expected, mask(dist.mean))
+    per_class = mean_mask_per_class(expected, probe.labels, 14)
+    assert per_class.shape == (14, 1, SIZE, SIZE)
     for c in range(12):
         assert torch.allclose(per_class[c], expected[probe.labels == c].mean(0), atol=1e-6)
+    assert not per_class[12:].any()  # classes without probe images
+
+
+@pytest.mark.parametrize("mask_op", ["multiply", "blend"])
+def test_the_probe_figure_names_each_class_and_stretches_what_differs_by_class(probe: Probe, mask: NoiseMask,
+                                                                               mask_op: str) -> None:
+    """One row per class, titled with its name: the clean image, the expected mask on the fixed scale 0 (black,
+    hidden) to 1 (white, kept), the masked input, and the class's mean mask minus the overall mean on a scale
+    stretched to the largest difference, so that masks differing by a few hundredths still show."""
+    names = [f"class-{c}" for c in range(12)]
+    dist = fixed(0.5 + 0.01 * (probe.labels.view(-1, 1, 1) % 3).float(), 0.5, 64)  # means 0.5-0.52 by class
+    expected = expected_masks(dist, mask)
+    per_class = mean_mask_per_class(expected, probe.labels, 12)
+    images = probe.images.float() / 255
+    fig = probe_figure(images, expected, images * expected, probe.labels, per_class, names, mask_op)
+    titles = [ax.get_title(loc="left") for ax in fig.axes]
+    assert sorted(t for t in titles if t) == sorted(names)
+    difference = [ax.images[0] for ax in fig.axes if ax.get_title() == "class - overall"]
+    assert len(difference) == 2  # a heading over each of the two columns of six classes
+    clim = difference[0].get_clim()
+    spread = float((per_class[:, 0] - expected.mean(0)[0]).abs().max())
+    assert clim == pytest.approx((-spread, spread)) and 0 < spread < 0.02
+    masks = [ax.images[0] for ax in fig.axes if ax.get_title() == "expected mask"]
+    assert masks[0].get_clim() == (0.0, 1.0) and masks[0].get_cmap().name == "gray"
+    assert "white = kept (1), black = hidden (0)" in fig.texts[0].get_text()
+    assert ("restyling" in fig.texts[0].get_text()) == (mask_op == "blend")
+    assert draw(fig).shape[2] == 3
 
 
 def test_drift_is_told_apart_from_learning() -> None:

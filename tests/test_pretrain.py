@@ -94,7 +94,7 @@ def test_every_algo_writes_a_complete_run_folder(algo: str, script, synthrad_spe
         (POLICY_SCALARS if algo in LEARNING else set())
     assert expected <= set(tags["scalars"]), expected - set(tags["scalars"])
     if algo in MASKING:
-        assert {"images/mask", "images/masked"} <= set(tags["images"])
+        assert tags["images"] == ["images/probe_masks"]
         assert "mask/values" in tags["histograms"]
     else:
         assert not tags["images"] and not tags["histograms"]
@@ -121,18 +121,49 @@ def test_tensorboard_holds_scalars_images_histograms_and_hyperparameters(script,
     for e in acc.Scalars("train/loss"):
         assert rows[e.step]["train/loss"] == pytest.approx(e.value, rel=1e-6)
 
-    for tag in ("images/mask", "images/masked"):
-        grids = acc.Images(tag)
-        assert [e.step for e in grids] == [1, 2, 4], tag  # the first step, every --image-every, the last
-        assert grids[0].width > 32 and grids[0].height >= 32 and grids[0].encoded_image_string[:4] == b"\x89PNG"
+    pictures = acc.Images("images/probe_masks")
+    assert [e.step for e in pictures] == [1, 2, 4]  # the first step, every --image-every, the last
+    assert pictures[0].width > 4 * 32 and pictures[0].encoded_image_string[:4] == b"\x89PNG"
     hist = acc.Histograms("mask/values")
     assert [e.step for e in hist] == [1, 2, 4]
     assert hist[0].histogram_value.num == 16 * 8 * 8  # every cell of the batch's grids
     assert 0.0 <= hist[0].histogram_value.min and hist[0].histogram_value.max <= 1.0
 
     text = acc.Tensors("hyperparameters/text_summary")[0].tensor_proto.string_val[0].decode()
-    for row in ("|algo|reinforce|", "|env.grid|8|", "|env.classifier|smallcnn|", "|max_steps|4|"):
+    for row in ("|algo|reinforce|", "|env.grid|8|", "|env.classifier|smallcnn|", "|max_steps|4|",
+                "|agent.baseline_momentum|0.9|", "|agent.param|exp|"):  # the agent's defaults, resolved
         assert row in text, row
+    legend = acc.Tensors("about/legend/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "white" in legend and all(f"`{group}/`" in legend for group in
+                                     ("train", "val", "val_perturbed", "reward", "policy", "mask", "diagnostics",
+                                      "perf", "heated"))
+
+    # the heated figures: every one in metrics.jsonl and the Text tab's table, the key ones as scalars
+    heated = metrics(run_dir)[-1]
+    assert sum(k.startswith("heated/") for k in heated) > 20
+    assert {t for t in acc.Tags()["scalars"] if t.startswith("heated/")} == {
+        "heated/test/accuracy", "heated/test_perturbed/accuracy", "heated/test/shortcut_gap",
+        "heated/test/worst_group_accuracy"}
+    table = acc.Tensors("heated/table/text_summary")[0].tensor_proto.string_val[0].decode().splitlines()
+    assert [row.split("|")[1].strip() for row in table[2:]] == ["test", "test, perturbed", "shifted",
+                                                                 "shifted, perturbed"]
+    assert f"{heated['heated/shifted_perturbed/macro_f1']:.3f}" in table[5]
+
+
+def test_eval_every_validates_clean_and_perturbed_within_an_epoch(script, synthrad_spec: str, tmp_path: Path) -> None:
+    """--eval-every 2 in a 5-step run: validation at steps 2 and 4 and at the end, on clean inputs and on inputs
+    masked as in training; an agent that does not perturb its inputs has no perturbed curve."""
+    for algo in ("reinforce", "none"):
+        run_dir = tmp_path / algo
+        args = tiny_args(synthrad_spec, run_dir, algo, steps=5)
+        assert script.main([*args, "--eval-every", "2"]) == 0
+        rows = metrics(run_dir)
+        assert [r["step"] for r in rows if "val/accuracy" in r] == [2, 4, 5]
+        perturbed = [r["step"] for r in rows if "val_perturbed/accuracy" in r]
+        assert perturbed == ([2, 4, 5] if algo == "reinforce" else [])
+        assert json.loads((run_dir / "config.json").read_text())["eval_every"] == 2
+    with pytest.raises(ValueError, match="eval_every 0 must be at least 1"):
+        script.main([*tiny_args(synthrad_spec, tmp_path / "bad", "none"), "--eval-every", "0"])
 
 
 def optimizer_buffers(state: dict) -> list[torch.Tensor]:

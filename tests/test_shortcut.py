@@ -101,8 +101,8 @@ def test_finetuning_on_data_without_modalities_reports_no_gap(make_imagefolder, 
 @pytest.mark.parametrize("algo", ["none", "uniform-mask", "reinforce"])
 def test_pretraining_reports_the_heated_model_clean_and_perturbed(algo: str, tmp_path: Path) -> None:
     """At the end of a run: the heated model on the test and shifted splits, clean and perturbed as in training, in
-    metrics.jsonl, TensorBoard and heated_metrics.json; validation passes report the gap; mask agents' diagnostics
-    every logging step; image grids at the first and the last step."""
+    metrics.jsonl, heated_metrics.json and TensorBoard's table; validation passes report the gap; mask agents'
+    diagnostics every logging step; the probe's picture at the first and the last step."""
     run = tmp_path / algo
     argv = ["--algo", algo, "--dataset", "synthrad?n_train=96&n_val=24&n_test=48", "--image-size", "32", "--grid", "8",
             "--blur-kernel", "5", "--blur-sigma", "2", "--batch-size", "16", "--max-steps", "5", "--device", "cpu",
@@ -124,12 +124,13 @@ def test_pretraining_reports_the_heated_model_clean_and_perturbed(algo: str, tmp
     logged = [r for r in rows if "train/loss" in r]
     assert all(("diagnostics/kl_uniform" in r) == (algo != "none") for r in logged)
 
-    acc = EventAccumulator(str(run), size_guidance={"scalars": 0, "images": 0})
+    acc = EventAccumulator(str(run), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
     acc.Reload()
-    assert [e.step for e in acc.Scalars("heated/shifted/shortcut_gap")] == [5]
+    assert [e.step for e in acc.Scalars("heated/test/shortcut_gap")] == [5]  # the key figures, for HParams
+    table = acc.Tensors("heated/table/text_summary")[-1].tensor_proto.string_val[0].decode()
+    assert "| shifted, perturbed |" in table and f"{figures['heated/shifted/shortcut_gap']:.3f}" in table
     if algo != "none":
-        assert [e.step for e in acc.Images("images/mask")] == [1, 5]
-        assert [e.step for e in acc.Images("images/mean_mask_per_class")] == [1, 5]
+        assert [e.step for e in acc.Images("images/probe_masks")] == [1, 5]
         assert "diagnostics/content_gap_image_specific" in acc.Tags()["scalars"]
     # rerunning the finished run writes the same figures again (the perturbed masks come from a seeded generator)
     assert pretrain.main(argv + ["--resume"]) == 0
