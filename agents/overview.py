@@ -39,45 +39,47 @@ OVERVIEW = {"overview": {
 }}
 """The custom scalars layout every pretraining run writes (``RunLogger.layout``)."""
 
-LEGEND = """\
-**Where to look first.** CUSTOM SCALARS: the overview (train and validation accuracy, clean and perturbed; reward
-against its baseline; entropy per cell; KL; mask mean; speed). IMAGES: `images/probe_masks`. HPARAMS: one row per run
-with every setting and the key final figures. TEXT: `heated/table`, the heated model's figures.
-
-**Mask convention.** A mask value of 1 keeps a pixel (drawn white), 0 hides it (drawn black): `multiply` dims a hidden
-pixel to the normalisation mean (a flat grey), `blend` replaces it by a random restyling of the image.
-
-**Tag groups.**
-
-- `train/`: the classifier's steps, on the batches as perturbed by the agent (masked): loss, accuracy, learning rate,
-  epoch; `train/loss_scale` where the reference recipe scales the loss.
-- `val/`: the validation split on clean inputs, at every epoch end and every `--eval-every` steps.
-- `val_perturbed/`: the same images perturbed as in training (masks drawn from the current policy with a fixed seed);
-  for agents that perturb.
-- `reward/`: the per-image reward, its batch mean and spread.
-- `policy/`: the agent's own update: `loss`; `entropy_per_cell` (the mean over cells of each cell's Beta entropy: 0 for
-  Beta(1,1), negative as cells concentrate); `advantage_mean` and `advantage_std` (reward minus baseline, before any
-  normalisation); `grad_norm_before_clip`; `baseline` (the reward's moving average); `alpha_mean`, `beta_mean` and
-  their `_std` (the Beta concentrations); `lr`. Agents of stable-baselines3 add their own (`value_loss`, `approx_kl`,
-  ...).
-- `mask/`: the grids the classifier trained on, as applied (after any mask budget): `mean` (the share of each image
-  kept on average), `std`; `mask/values`, their histogram.
-- `diagnostics/`: the policy on a fixed probe (the first validation images), from its Beta without sampling:
-  `kl_uniform` (KL to Beta(1,1); learning raises it, drift lowers it), `kl_initial` (KL to the step-0 policy: drift and
-  learning both raise it), `mask_mean` (the policy's expected mask mean, before any budget), `image_spread` (0: the
-  mask ignores the image), `cell_spread` (a fixed spatial pattern), `mask_on_background`, `_anatomy`, `_lesion`,
-  `_marker`, `content_gap` (the mask on anatomy and lesion minus on the background; negative: the content is hidden
-  more) with its `_mean_mask` part (what a fixed pattern explains) and `_image_specific` part; `marker_gap` likewise.
-- `perf/`: `images_per_second` of the steps alone; `overhead`, the share of wall time spent on logging, evaluation and
-  checkpoints.
-- `biased/`: the biased classifier trained alongside (`reward biased`, the `reinforce-lff` agents).
-- `heated/`: the heated model at the end, on the test split (and synthrad's shifted one), clean and perturbed as in
-  training: every figure in `heated/table` (and `heated_metrics.json`), the key ones as scalars for HPARAMS.
-- `images/probe_masks`: per class, a probe image, its expected mask, a sampled masked input, and the class's mean
-  expected mask minus the overall mean (contrast stretched: blue kept more, red hidden more).
-- The settings: HPARAMS, the `hyperparameters` text and `config.json`.
-"""
-"""The Text tab's legend (``about/legend``: first in the tab's alphabetical order)."""
+LEGEND = "\n".join([
+    "**Where to look first.** CUSTOM SCALARS: the overview (train and validation accuracy, clean and perturbed; "
+    "reward against its baseline; entropy per cell; KL; mask mean; speed). IMAGES: `images/probe_masks`. HPARAMS: one "
+    "row per run with every setting and the key final figures. TEXT: `heated/table`, the heated model's figures.",
+    "",
+    "**Mask convention.** A mask value of 1 keeps a pixel (drawn white), 0 hides it (drawn black): `multiply` dims a "
+    "hidden pixel to the normalisation mean (a flat grey), `blend` replaces it by a random restyling of the image.",
+    "",
+    "**Tag groups.**",
+    "",
+    "- `train/`: the classifier's steps, on the batches as perturbed by the agent (masked): loss, accuracy, learning "
+    "rate, epoch; `train/loss_scale` where the reference recipe scales the loss.",
+    "- `val/`: the validation split on clean inputs, at every epoch end and every `--eval-every` steps.",
+    "- `val_perturbed/`: the same images perturbed as in training (masks drawn from the current policy with a fixed "
+    "seed); for agents that perturb.",
+    "- `reward/`: the per-image reward, its batch mean and spread.",
+    "- `policy/`: the agent's own update: `loss`; `entropy_per_cell` (the mean over cells of each cell's Beta "
+    "entropy: 0 for Beta(1,1), negative as cells concentrate); `advantage_mean` and `advantage_std` (reward minus "
+    "baseline, before any normalisation); `grad_norm_before_clip`; `baseline` (the reward's moving average); "
+    "`alpha_mean`, `beta_mean` and their `_std` (the Beta concentrations); `lr`. Agents of stable-baselines3 add "
+    "their own (`value_loss`, `approx_kl`, ...).",
+    "- `mask/`: the grids the classifier trained on, as applied (after any mask budget): `mean` (the share of each "
+    "image kept on average), `std`; `mask/values`, their histogram.",
+    "- `diagnostics/`: the policy on a fixed probe (the first validation images), from its Beta without sampling: "
+    "`kl_uniform` (KL to Beta(1,1); learning raises it, drift lowers it), `kl_initial` (KL to the step-0 policy: "
+    "drift and learning both raise it), `mask_mean` (the policy's expected mask mean, before any budget), "
+    "`image_spread` (0: the mask ignores the image), `cell_spread` (a fixed spatial pattern), `mask_on_background`, "
+    "`_anatomy`, `_lesion`, `_marker`, `content_gap` (the mask on anatomy and lesion minus on the background; "
+    "negative: the content is hidden more) with its `_mean_mask` part (what a fixed pattern explains) and "
+    "`_image_specific` part; `marker_gap` likewise.",
+    "- `perf/`: `images_per_second` of the steps alone; `overhead`, the share of wall time spent on logging, "
+    "evaluation and checkpoints.",
+    "- `biased/`: the biased classifier trained alongside (`reward biased`, the `reinforce-lff` agents).",
+    "- `heated/`: the heated model at the end, on the test split (and synthrad's shifted one), clean and perturbed as "
+    "in training: every figure in `heated/table` (and `heated_metrics.json`), the key ones as scalars for HPARAMS.",
+    "- `images/probe_masks`: per class, a probe image, its expected mask, a sampled masked input, and the class's "
+    "mean expected mask minus the overall mean (contrast stretched: blue kept more, red hidden more).",
+    "- The settings: HPARAMS, the `hyperparameters` text and `config.json`.",
+])
+"""The Text tab's legend (``about/legend``: first in the tab's alphabetical order). A line per paragraph and per list
+item: TensorBoard's Markdown breaks a line wherever the text does."""
 
 
 SHOWN_SETTINGS = ("algo", "env.mask_budget", "env.mask_op", "env.reward", "env.seed")
