@@ -11,7 +11,9 @@ One row per class (its first image in the probe batch, ``agents.diagnostics``), 
    largest difference (named in the title; blue = kept more, red = hidden more): a policy whose masks are all near
    0.5 still shows here what it does differently per class, which the fixed scale of panel 2 leaves as flat grey.
 
-The figure is built without pyplot (``classifiers.figures``); the runner draws it with ``classifiers.figures.draw``.
+The panels are laid out as one picture in one set of axes (a figure of dozens of axes costs seconds to build and draw,
+at every image step of a run); it is built without pyplot (``classifiers.figures``), and the runner draws it with
+``classifiers.figures.draw``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from matplotlib import colormaps
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
 ROWS_PER_COLUMN = 6
@@ -29,15 +34,21 @@ MAX_CLASSES = 24
 """Classes drawn at most (the first ones present in the probe), so a task of 165 classes stays readable."""
 PANEL_INCHES = 1.3
 """Side of one panel; at the figure's dpi a 32-pixel image is upscaled about four times."""
+GAP = 0.25
+"""Space between panels, as a share of a panel's side (a class's name sits in the space above its row)."""
+HEADINGS = ("expected mask", "masked input", "class - overall")
+"""The headings of panels 2-4, over a column's first row (panel 1 is titled with its class in every row)."""
 OPERATOR_WORDS = {"multiply": "multiply: a hidden pixel shows the normalisation mean (grey)",
                   "blend": "blend: a hidden pixel shows the image's random restyling"}
 """What panel 3 shows, per mask operator (in the figure's title)."""
+DIFFERENCE_COLOURS = "RdBu"
+"""The last panel's diverging colour map: blue above 0 (kept more than on average), red below (hidden more)."""
 
 
-def _picture(x: torch.Tensor) -> np.ndarray:
-    """(C, H, W) values in [0, 1] as imshow takes them: (H, W) for one channel, (H, W, 3) for colour."""
+def _rgb(x: torch.Tensor) -> np.ndarray:
+    """(C, H, W) values in [0, 1] as an RGB picture (H, W, 3): one channel as grey, colour as it is."""
     x = x.detach().float().clamp(0, 1).cpu()
-    return x[0].numpy() if x.shape[0] == 1 else x[:3].permute(1, 2, 0).numpy()
+    return (x.expand(3, -1, -1) if x.shape[0] == 1 else x[:3]).permute(1, 2, 0).numpy()
 
 
 def probe_figure(images: torch.Tensor, expected: torch.Tensor, masked: torch.Tensor, labels: torch.Tensor,
@@ -51,40 +62,41 @@ def probe_figure(images: torch.Tensor, expected: torch.Tensor, masked: torch.Ten
         labels: the images' classes, (P,).
         class_means: each class's mean expected mask (``agents.diagnostics.mean_mask_per_class``), (K, 1, H, W).
         class_names: the K class names.
-        mask_op: the environment's mask operator, named in panel 3's heading.
+        mask_op: the environment's mask operator, named in the figure's title.
     """
     present = sorted(set(labels.tolist()))[:MAX_CLASSES]
     first = [int((labels == c).nonzero()[0, 0]) for c in present]
-    difference = class_means[present, 0] - expected.mean(0)[0]
-    scale = max(float(difference.abs().max()), 1e-6)
+    difference = (class_means[present, 0] - expected.mean(0)[0]).cpu().numpy()
+    scale = max(float(np.abs(difference).max()), 1e-6)
+    norm = Normalize(-scale, scale)
     columns = math.ceil(len(present) / ROWS_PER_COLUMN)
     rows = math.ceil(len(present) / columns)
-    fig = Figure(figsize=(4 * columns * PANEL_INCHES + 0.6, rows * PANEL_INCHES + 1.1), dpi=100)
-    axes = fig.subplots(rows, 4 * columns, squeeze=False)
-    gray = {"cmap": "gray", "vmin": 0.0, "vmax": 1.0, "interpolation": "nearest"}
-    headings = ("expected mask", "masked input", "class - overall")
-    shown = None
-    for ax in axes.flat:
-        ax.set_axis_off()
+    size = images.shape[-1]
+    gap = max(1, round(GAP * size))
+    step = size + gap
+    mosaic = np.ones((rows * step + gap, columns * (4 * step + gap), 3))  # white between the panels
+    fig = Figure(figsize=(4 * columns * PANEL_INCHES + 0.9, rows * PANEL_INCHES + 1.0), dpi=100)
+    ax = fig.add_axes((0.01, 0.01, 0.9, 1 - 0.8 / (rows * PANEL_INCHES + 1.0)))
+    text = {"fontsize": 8, "va": "bottom"}
     for n, (c, i) in enumerate(zip(present, first)):
         row, block = n % rows, n // rows
-        panels = axes[row, 4 * block:4 * block + 4]
-        panels[0].imshow(_picture(images[i]), **gray)
-        panels[1].imshow(_picture(expected[i]), **gray)
-        panels[2].imshow(_picture(masked[i]), **gray)
-        shown = panels[3].imshow(difference[n].cpu().numpy(), cmap="RdBu", vmin=-scale, vmax=scale,
-                                 interpolation="nearest")
-        panels[0].set_title(class_names[c], fontsize=8, loc="left")
-        if row == 0:
-            for ax, heading in zip(panels[1:], headings):
-                ax.set_title(heading, fontsize=8)
+        panels = (_rgb(images[i]), _rgb(expected[i]), _rgb(masked[i]),
+                  colormaps[DIFFERENCE_COLOURS](norm(difference[n]))[..., :3])
+        top = gap + row * step
+        for k, panel in enumerate(panels):
+            left = block * (4 * step + gap) + gap + k * step
+            mosaic[top:top + size, left:left + size] = panel
+            if k == 0:
+                ax.text(left - 0.5, top - 1, class_names[c], ha="left", **text)
+            elif row == 0:
+                ax.text(left + size / 2 - 0.5, top - 1, HEADINGS[k - 1], ha="center", **text)
+    ax.imshow(mosaic, interpolation="nearest")
+    ax.set_axis_off()
     fig.suptitle(f"Each row: the first validation image of a class (clean, titled with the class), its expected "
                  f"mask, the classifier's input under a sampled mask ({OPERATOR_WORDS[mask_op]}), and the class's "
                  f"mean expected mask minus the mean over the probe. Masks: white = kept (1), black = hidden (0). "
                  f"Last panel: blue = kept more, red = hidden more than on average, scale +-{scale:.3g}",
                  fontsize=8, wrap=True)
-    fig.subplots_adjust(left=0.01, right=0.92, bottom=0.01, top=1 - 0.9 / (rows * PANEL_INCHES + 1.1),
-                        wspace=0.05, hspace=0.25)
-    bar = fig.add_axes((0.935, 0.1, 0.012, 0.7))
-    fig.colorbar(shown, cax=bar).ax.tick_params(labelsize=7)
+    bar = fig.add_axes((0.93, 0.1, 0.012, 0.7))
+    fig.colorbar(ScalarMappable(norm, DIFFERENCE_COLOURS), cax=bar).ax.tick_params(labelsize=7)
     return fig

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +12,7 @@ from test_reinforce import learn_sign
 from torch.distributions import Beta
 
 from agents.diagnostics import Probe, expected_masks, make_probe, mean_mask_per_class, policy_diagnostics
-from agents.mask_figure import probe_figure
+from agents.mask_figure import GAP, probe_figure
 from classifiers.data import load_dataset
 from classifiers.figures import draw
 from envs.masks import NoiseMask
@@ -111,26 +112,30 @@ def test_mean_mask_per_class(probe: Probe, mask: NoiseMask) -> None:
 @pytest.mark.parametrize("mask_op", ["multiply", "blend"])
 def test_the_probe_figure_names_each_class_and_stretches_what_differs_by_class(probe: Probe, mask: NoiseMask,
                                                                                mask_op: str) -> None:
-    """One row per class, titled with its name: the clean image, the expected mask on the fixed scale 0 (black,
-    hidden) to 1 (white, kept), the masked input, and the class's mean mask minus the overall mean on a scale
-    stretched to the largest difference, so that masks differing by a few hundredths still show."""
+    """One row per class, titled with its name: the clean image, the expected mask as grey from 0 (black, hidden) to 1
+    (white, kept), the masked input, and the class's mean mask minus the overall mean on a colour scale stretched to
+    the largest difference, so that masks differing by a few hundredths still show."""
     names = [f"class-{c}" for c in range(12)]
     dist = fixed(0.5 + 0.01 * (probe.labels.view(-1, 1, 1) % 3).float(), 0.5, 64)  # means 0.5-0.52 by class
     expected = expected_masks(dist, mask)
     per_class = mean_mask_per_class(expected, probe.labels, 12)
     images = probe.images.float() / 255
     fig = probe_figure(images, expected, images * expected, probe.labels, per_class, names, mask_op)
-    titles = [ax.get_title(loc="left") for ax in fig.axes]
-    assert sorted(t for t in titles if t) == sorted(names)
-    difference = [ax.images[0] for ax in fig.axes if ax.get_title() == "class - overall"]
-    assert len(difference) == 2  # a heading over each of the two columns of six classes
-    clim = difference[0].get_clim()
+    ax = fig.axes[0]
+    words = [t.get_text() for t in ax.texts]
+    assert sorted(w for w in words if w.startswith("class-")) == sorted(names)
+    assert words.count("class - overall") == 2  # a heading over each of the two columns of six classes
+    # the first row: class 0's first image, then its expected mask as grey
+    mosaic, gap = ax.images[0].get_array(), max(1, round(GAP * SIZE))
+    first = int((probe.labels == 0).nonzero()[0, 0])
+    clean = mosaic[gap:gap + SIZE, gap:gap + SIZE]
+    shown = mosaic[gap:gap + SIZE, 2 * gap + SIZE:2 * gap + 2 * SIZE]
+    np.testing.assert_allclose(clean[..., 0], images[first, 0].numpy(), atol=1e-6)
+    np.testing.assert_allclose(shown, expected[first, 0, :, :, None].expand(-1, -1, 3).numpy(), atol=1e-6)
     spread = float((per_class[:, 0] - expected.mean(0)[0]).abs().max())
-    assert clim == pytest.approx((-spread, spread)) and 0 < spread < 0.02
-    masks = [ax.images[0] for ax in fig.axes if ax.get_title() == "expected mask"]
-    assert masks[0].get_clim() == (0.0, 1.0) and masks[0].get_cmap().name == "gray"
-    assert "white = kept (1), black = hidden (0)" in fig.texts[0].get_text()
-    assert ("restyling" in fig.texts[0].get_text()) == (mask_op == "blend")
+    title = fig.texts[0].get_text()
+    assert 0 < spread < 0.02 and f"scale +-{spread:.3g}" in title
+    assert "white = kept (1), black = hidden (0)" in title and ("restyling" in title) == (mask_op == "blend")
     assert draw(fig).shape[2] == 3
 
 
