@@ -11,8 +11,8 @@ One row per class (its first image in the probe batch, ``agents.diagnostics``), 
    largest difference (named in the title; blue = kept more, red = hidden more): a policy whose masks are all near
    0.5 still shows here what it does differently per class, which the fixed scale of panel 2 leaves as flat grey.
 
-The panels are laid out as one picture in one set of axes (a figure of dozens of axes costs seconds to build and draw,
-at every image step of a run); it is built without pyplot (``classifiers.figures``), and the runner draws it with
+The panels are laid out as one picture in one set of axes, as a figure of dozens of axes is slow to build and draw at
+every image step of a run; it is built without pyplot (``classifiers.figures``), and the runner draws it with
 ``classifiers.figures.draw``.
 """
 
@@ -32,8 +32,8 @@ ROWS_PER_COLUMN = 6
 """Classes per column of panels: more classes start another column, so the figure stays about as wide as tall."""
 MAX_CLASSES = 24
 """Classes drawn at most (the first ones present in the probe), so a task of 165 classes stays readable."""
-PANEL_INCHES = 1.3
-"""Side of one panel; at the figure's dpi a 32-pixel image is upscaled about four times."""
+PANEL_INCHES = 1.2
+"""Side of one panel; at the figure's dpi a 32-pixel image is upscaled almost four times."""
 GAP = 0.25
 """Space between panels, as a share of a panel's side (a class's name sits in the space above its row)."""
 HEADINGS = ("expected mask", "masked input", "class - overall")
