@@ -35,6 +35,9 @@ class Action:
     on_next_batch: Callable[[torch.Tensor], None] | None = None
     """Called by the environment with the next uint8 batch right after ``on_reward``, still before the classifier's
     backward pass (not at an epoch's end): an agent may start its next action's work there."""
+    reference_grid: torch.Tensor | None = None
+    """A second grid per image (B, G, G) drawn from the same policy independently of ``grid``: the reward's reference
+    under ``reward_reference="sampled"`` (``envs.core.EnvConfig``)."""
 
 
 class Agent:
@@ -107,6 +110,6 @@ class Agent:
             action = self.act(core.images)
             result = core.step(grid=action.grid, perturb=action.perturb, loss_scale=action.loss_scale,
                                augment=action.augment, on_reward=action.on_reward,
-                               on_next_batch=action.on_next_batch)
+                               on_next_batch=action.on_next_batch, reference_grid=action.reference_grid)
             scalars = self.observe(result)
             runner.after_step(result, scalars)

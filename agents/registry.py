@@ -108,7 +108,7 @@ register("reinforce-budget", Reinforce, _REINFORCE_OPTIONS,
          "classifier's cross-entropy (adversarial); the policy sets cell means held at the budget, each cell's Beta at "
          "concentration 2 (Beta(1, 1) at an even spread)", env=BUDGETED_ENV,
          defaults=BUDGETED_DEFAULTS)
-LFF_ENV = BUDGETED_ENV | {"reward": "biased", "reward_reference": "uniform"}
+LFF_ENV = BUDGETED_ENV | {"reward": "biased", "reward_reference": "sampled"}
 """The shortcut-aimed objective: the budgeted one, rewarded by what a biased classifier (generalised cross-entropy,
 Learning from Failure) loses on the masked image (``envs.core.EnvConfig.reward``)."""
 register("reinforce-lff", Reinforce, _REINFORCE_OPTIONS,

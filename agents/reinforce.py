@@ -278,6 +278,8 @@ class Ahead(NamedTuple):
     """The grid drawn from it with the agent's generator (None where the concentrations are not finite)."""
     log_sum_exp: torch.Tensor | None
     """:meth:`Reinforce._log_sum_exp` of the grid, for the classifier's loss scale."""
+    reference: torch.Tensor | None
+    """A second grid drawn after it, for ``reward_reference="sampled"`` (:meth:`Reinforce._reference`)."""
 
 
 class Reinforce(Agent):
@@ -343,17 +345,24 @@ class Reinforce(Agent):
             dist = beta_distribution(self.net, images, update_base=True, step=self.core.global_step)
             grid = sample_mask(dist, self.generator)
             log_sum_exp = self._log_sum_exp(dist, grid)
+            reference = self._reference(dist)
         else:
             keep_base(self.policy, ahead.alpha, ahead.beta, ahead.base)
             if not ahead.finite:
                 checked_beta(ahead.alpha, ahead.beta, self.core.global_step)  # raises, naming them and the step
-            dist, grid, log_sum_exp = ahead.dist, ahead.grid, ahead.log_sum_exp
+            dist, grid, log_sum_exp, reference = ahead.dist, ahead.grid, ahead.log_sum_exp, ahead.reference
         self._dist, self._grid = dist, grid
         # a constant to the classifier; the policy's gradient comes from observe
         self._loss_scale = all_mean(log_sum_exp) if log_sum_exp is not None else None
         overlap = self._overlaps()
         return Action(grid=grid, loss_scale=self._loss_scale, on_reward=self._start_update if overlap else None,
-                      on_next_batch=self._start_forward if overlap else None)
+                      on_next_batch=self._start_forward if overlap else None, reference_grid=reference)
+
+    @torch.no_grad()
+    def _reference(self, dist: Beta) -> torch.Tensor | None:
+        """A second grid per image from the same policy, drawn after the first and independent of it, where the
+        environment's reward compares with one (``reward_reference="sampled"``); None elsewhere."""
+        return sample_mask(dist, self.generator) if self.core.cfg.reward_reference == "sampled" else None
 
     @torch.no_grad()
     def _log_sum_exp(self, dist: Beta, grid: torch.Tensor) -> torch.Tensor | None:
@@ -390,9 +399,9 @@ class Reinforce(Agent):
         finite = bool(torch.isfinite(alpha).all()) and bool(torch.isfinite(beta).all())
         dist = cell_beta(alpha, beta)
         if not finite:
-            return Ahead(alpha, beta, base, finite, dist, None, None)
+            return Ahead(alpha, beta, base, finite, dist, None, None, None)
         grid = sample_mask(dist, self.generator)
-        return Ahead(alpha, beta, base, finite, dist, grid, self._log_sum_exp(dist, grid))
+        return Ahead(alpha, beta, base, finite, dist, grid, self._log_sum_exp(dist, grid), self._reference(dist))
 
     def _take_ahead(self, images: torch.Tensor | None = None) -> Ahead | None:
         """Wait for a forward pass :meth:`_start_forward` started (it reads the parameters and the base) and forget it;

@@ -32,7 +32,7 @@ from envs.masks import MASK_OPS, NoiseMask, hold_mean, random_style
 
 REWARDS = ("classifiable", "adversarial", "correct", "biased")
 REWARD_FORWARDS = ("train", "eval")
-REWARD_REFERENCES = ("none", "constant", "uniform")
+REWARD_REFERENCES = ("none", "constant", "sampled")
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -65,8 +65,8 @@ class EnvConfig:
     reward: str = "classifiable"
     """``classifiable``: -CE per image (the paper's sign); ``adversarial``: +CE; ``correct``: 1 when right;
     ``biased``: aimed at the shortcut, ``CE_biased - bias_weight * CE``, where ``CE_biased`` is the cross-entropy of a
-    *biased* auxiliary classifier that trains alongside, on the batches under uniform masks at the budget, with the
-    generalised cross-entropy, so it reads the easiest cue (Learning from Failure;
+    *biased* auxiliary classifier that trains alongside on the same masked batches with the generalised
+    cross-entropy, so it reads the easiest cue (Learning from Failure;
     ``classifiers.train.generalized_cross_entropy``), read in eval mode on the masked image: the policy is rewarded
     for hiding what the biased model reads, less what the classifier itself loses (docs/method.md, section 8)."""
     mask_op: str = "multiply"
@@ -91,10 +91,10 @@ class EnvConfig:
     (``reward_forward``; in train mode a second, no-grad forward on the reference batch whose BatchNorm statistics
     are thrown away), so the reward says how much *this* mask changes *this* image's cross-entropy compared with
     spreading the budget evenly. It does not depend on the sampled mask, so the policy gradient stays unbiased, and it
-    takes the image's own difficulty out of the reward. Needs ``mask_budget``. ``uniform``: the same under a fresh
-    Beta(1, 1) grid held at the budget (the operator's non-learned control), drawn independently of the policy's, so
-    the reward says how much more this mask hides than a random one; the ``biased`` reward's classifier trains on
-    that same batch, so its reference is a mask of the kind it knows."""
+    takes the image's own difficulty out of the reward. Needs ``mask_budget``. ``sampled``: the same under a second
+    grid the agent draws from the same policy, independently of the first (``Action.reference_grid``), so the reward
+    says which of the policy's own masks does better, and the reference is always a mask of the kind the models are
+    trained on (a two-sample baseline: unbiased, since the second grid does not depend on the first)."""
     max_steps: int | None = None
     """Truncate each episode after this many steps (None: one pass over the training set)."""
     seed: int = 0
@@ -170,8 +170,8 @@ class StepResult:
     biased_loss: torch.Tensor | None = None
     """With the ``biased`` reward: the biased classifier's per-image cross-entropy on the masked batch (B,)."""
     biased_correct: torch.Tensor | None = None
-    """With the ``biased`` reward: the biased classifier's per-image correctness in its own training step (on the batch
-    under uniform masks) (B,): how well it reads the cues masks leave."""
+    """With the ``biased`` reward: the biased classifier's per-image correctness in its own training step on the masked
+    batch (B,): how well it reads the cues the masks leave."""
 
 
 class PretrainCore:
@@ -308,16 +308,6 @@ class PretrainCore:
             x = self.mask.apply(x, grid, styled)
         return perturb(x) if perturb is not None else x
 
-    def _uniformly_masked(self, clean: torch.Tensor, styled: torch.Tensor | None) -> torch.Tensor:
-        """The batch under Beta(1, 1) grids held at the budget (the operator's non-learned control): what the ``biased``
-        reward's classifier trains on. Masks in general are then familiar to it, so hiding the background is no news
-        to it; the policy's own pattern is not, so it cannot adapt to it (docs/method.md, section 8.3)."""
-        b, g = clean.shape[0], self.cfg.grid
-        grid = self.applied_grid(torch.rand(b, g, g, device=clean.device))
-        if styled is None and self.cfg.mask_op == "blend":
-            styled = random_style(clean)
-        return self._masked(clean, grid, None, styled)
-
     def _constant_mask(self, clean: torch.Tensor, styled: torch.Tensor | None, perturb: Transform | None
                        ) -> torch.Tensor:
         """The input under the constant mask at the budget: the constant grid gives the constant mask (the rows of the
@@ -335,10 +325,11 @@ class PretrainCore:
     def step(self, grid: torch.Tensor | None = None, perturb: Transform | None = None,
              loss_scale: torch.Tensor | None = None, augment: Transform | None = None,
              on_reward: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
-             on_next_batch: Callable[[torch.Tensor], None] | None = None) -> StepResult:
+             on_next_batch: Callable[[torch.Tensor], None] | None = None,
+             reference_grid: torch.Tensor | None = None) -> StepResult:
         """Augment the uint8 batch with ``augment`` if given, apply ``grid`` (B, G, G) as the noise mask (None: no
         mask) and/or ``perturb`` to the normalised batch (:meth:`inputs`), take one classifier step, and load the next
-        batch.
+        batch. ``reference_grid`` (B, G, G) is the second grid ``reward_reference="sampled"`` compares with.
 
         ``loss_scale`` (a 0-d tensor on the device; None: 1) multiplies the classifier's batch-mean
         cross-entropy before its backward pass, as the reference code does; the returned losses and
@@ -359,11 +350,15 @@ class PretrainCore:
         clean = self._normalised(self.images, augment)  # once: a random augmentation must be the same in both passes
         styled = self._styled(clean, grid)
         x = self._masked(clean, grid, perturb, styled)
-        uniform = self._uniformly_masked(clean, styled) if self.biased is not None \
-            or self.cfg.reward_reference == "uniform" else None
-        ref = {"constant": lambda: self._constant_mask(clean, styled, perturb),
-               "uniform": lambda: perturb(uniform) if perturb is not None else uniform,
-               "none": lambda: None}[self.cfg.reward_reference]()
+        ref = None
+        if self.cfg.reward_reference == "constant":
+            ref = self._constant_mask(clean, styled, perturb)
+        elif self.cfg.reward_reference == "sampled":
+            if reference_grid is None:
+                raise ValueError("reward_reference 'sampled' compares each mask with a second one from the same "
+                                 "policy, and the agent gave none (Action.reference_grid); use a REINFORCE agent "
+                                 "(reinforce-lff), or reward_reference 'constant'")
+            ref = self._masked(clean, self.applied_grid(reference_grid), perturb, styled)
         b = x.shape[0]
         own = ref_score = None
         biased = biased_ref = None
@@ -400,7 +395,7 @@ class PretrainCore:
         biased_correct = None
         if self.biased is not None:
             q = self.cfg.bias_q
-            _, logits_b = supervised_step(self.biased_model, self.biased_optimizer, uniform, self.labels, self.dev,
+            _, logits_b = supervised_step(self.biased_model, self.biased_optimizer, x, self.labels, self.dev,
                                           step=self.global_step,
                                           criterion=lambda z, y: generalized_cross_entropy(z, y, q))
             biased_correct = (logits_b.argmax(1) == self.labels).float()

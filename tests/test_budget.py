@@ -38,7 +38,7 @@ def test_budget_algos_set_their_environment_unless_the_user_did() -> None:
 
 @pytest.mark.parametrize(("settings", "message"), [
     ({"reward_forward": "test"}, r"unknown reward_forward 'test'; use one of train, eval$"),
-    ({"reward_reference": "clean"}, r"unknown reward_reference 'clean'; use one of none, constant, uniform$"),
+    ({"reward_reference": "clean"}, r"unknown reward_reference 'clean'; use one of none, constant, sampled$"),
     ({"reward_reference": "constant"}, r"reward_reference 'constant' .* needs a mask_budget; set one"),
 ])
 def test_reward_options_are_refused_in_one_line(settings: dict, message: str) -> None:

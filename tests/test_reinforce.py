@@ -30,7 +30,7 @@ from envs.core import EnvConfig, PretrainCore, StepResult
 
 def fake_core(grid: int = 2, channels: int = 1, lr: float = 0.1) -> SimpleNamespace:
     """What Reinforce.bind and act/observe read from the environment core, without a classifier."""
-    return SimpleNamespace(in_channels=channels, cfg=SimpleNamespace(grid=grid, lr=lr, seed=0),
+    return SimpleNamespace(in_channels=channels, cfg=SimpleNamespace(grid=grid, lr=lr, seed=0, reward_reference="none"),
                            dev=DevicePolicy(torch.device("cpu")), global_step=0,
                            loader=SimpleNamespace(num_workers=0))
 

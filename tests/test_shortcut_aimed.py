@@ -39,9 +39,10 @@ def test_generalized_cross_entropy_weighs_the_gradient_by_p_to_the_q() -> None:
 
 def test_the_biased_reward_is_the_biased_classifiers_loss_and_leaves_the_training_alone() -> None:
     """Under ``reinforce-lff``'s settings each image's reward is the biased classifier's cross-entropy (eval mode) on
-    its masked image minus the same under a fresh uniform grid held at the budget (``bias_weight`` 0), the biased
-    classifier takes its own generalised cross-entropy step on that uniformly masked batch, and the classifier trains
-    exactly as under the adversarial reward: the same weights after three steps, bit for bit."""
+    its masked image minus the same under the second grid the agent gave (``bias_weight`` 0), the biased classifier
+    takes its own generalised cross-entropy step on the masked batch, and the classifier trains exactly as under the
+    adversarial reward: the same weights after three steps, bit for bit. Without a second grid the step is refused in
+    one line."""
     biased = PretrainCore(tiny_env(**LFF_ENV))
     plain = PretrainCore(tiny_env(**BUDGETED_ENV))
     for core in (biased, plain):
@@ -51,18 +52,16 @@ def test_the_biased_reward_is_the_biased_classifiers_loss_and_leaves_the_trainin
     for _ in range(3):
         grid = torch.rand(8, 4, 4, generator=generator)
         before = [p.clone() for p in biased.biased.parameters()]
-        x = biased.inputs(biased.images, grid)
-        rng = torch.get_rng_state()
-        ref = biased.inputs(biased.images, torch.rand(8, 4, 4))  # the draw the step makes next
+        second = torch.rand(8, 4, 4, generator=generator)
+        x, ref = biased.inputs(biased.images, grid), biased.inputs(biased.images, second)
         biased.biased.eval()
         with torch.no_grad():
             expected = (F.cross_entropy(biased.biased(x), biased.labels, reduction="none")
                         - F.cross_entropy(biased.biased(ref), biased.labels, reduction="none"))
         replica, train_copy = copy.deepcopy((biased.biased, biased.biased_optimizer))
-        supervised_step(replica, train_copy, ref, biased.labels, biased.dev,
+        supervised_step(replica, train_copy, x, biased.labels, biased.dev,
                         criterion=lambda z, y: generalized_cross_entropy(z, y, 0.7))
-        torch.set_rng_state(rng)
-        result = biased.step(grid)
+        result = biased.step(grid, reference_grid=second)
         plain.step(grid)
         assert torch.allclose(result.reward, expected, atol=1e-5)
         assert result.biased_loss is not None and result.biased_correct.shape == (8,)
@@ -71,6 +70,8 @@ def test_the_biased_reward_is_the_biased_classifiers_loss_and_leaves_the_trainin
             assert torch.equal(a, b)
     for a, b in zip(biased.classifier.state_dict().values(), plain.classifier.state_dict().values()):
         assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="reward_reference 'sampled' compares each mask with a second one"):
+        biased.step(grid)
 
 
 class Quadrant(torch.nn.Module):
