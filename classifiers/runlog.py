@@ -209,8 +209,7 @@ class RunLogger:
             hparam_infos=[api_pb2.HParamInfo(name=name, differs=name in shown)
                           for name in sorted(set(settings) | set(columns))],
             metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag), display_name=name)
-                          for tag, name in metrics.items()],
-            time_created_secs=time.time()))
+                          for tag, name in metrics.items()]))
         start = summary_v2.hparams_pb({k: hparam_value(v) for k, v in settings.items()}, trial_id=trial)
         for summary in (_hparams_summary(metadata.EXPERIMENT_TAG, experiment), start):
             self.writer.file_writer.add_summary(summary)
@@ -218,7 +217,7 @@ class RunLogger:
     def hparams_end(self, step: int) -> None:
         """Mark this run's HParams session finished (at ``step``)."""
         if self.enabled:
-            end = plugin_data_pb2.SessionEndInfo(status=api_pb2.STATUS_SUCCESS, end_time_secs=time.time())
+            end = plugin_data_pb2.SessionEndInfo(status=api_pb2.STATUS_SUCCESS)
             self.writer.file_writer.add_summary(
                 _hparams_summary(metadata.SESSION_END_INFO_TAG, plugin_data_pb2.HParamsPluginData(
                     session_end_info=end)), step)
