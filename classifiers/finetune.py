@@ -17,12 +17,21 @@ from ``lr`` towards 0 over the remaining steps (``schedule="cosine"``, the defau
 (``schedule="constant"``, the paper's). The default warm-up is one epoch, because the paper's 7 would leave a
 short run warming up all the way.
 
-The defaults are chosen by a measured sweep (benchmarks/RESULTS.md, "Fine-tuning recipes"): with a constant
-rate the last epoch lands wherever the noise puts it (final validation accuracy up to 0.18 below the run's
-best epoch, two seeds 0.76 and 0.47), with the cosine decay it ends within about 0.01 of its best epoch; and
-under the cosine decay a high peak rate was best for every start, scratch and heated, on a synthetic and on a
-real-like target (``DEFAULT_LR``; ``lr=None`` resolves to it). The paper's recipe stays available by name:
-``schedule="constant", lr=1e-3, warmup_epochs=7, epochs=10``.
+The schedule is chosen by a measured sweep (benchmarks/RESULTS.md, "Fine-tuning recipes"): with a constant rate the
+last epoch lands wherever the noise puts it, under the cosine decay it ends close to the run's best epoch. The best peak
+rate moves with the data and with the start, scratch or heated (benchmarks/RESULTS.md, "Fine-tuning: the rate chosen
+from the data"), so by default (``lr="auto"``) a run chooses it from its own data before it trains
+(:meth:`Finetuner.search_rate`): each rate of ``AUTO_CANDIDATES`` trains the starting model for a share of the run's
+steps (:func:`search_steps`) under the run's schedule compressed to them, and the highest accuracy on the validation
+split wins; the test split is never read. The search is deterministic given the seed and leaves no trace: the run that
+follows is the one ``lr=<chosen>`` gives. config.json records the rate chosen (``lr``) and the evidence (``lr_search``:
+every candidate's validation accuracy and loss, the steps and the seconds), the checkpoints hold it too, and a resumed
+run keeps the choice without searching again. A learning-rate range test (Smith 2017; fastai's and Lightning's
+``lr_find``) was measured too and chose worse than the fixed rate, so it is not offered. ``lr=None`` is the fixed
+``DEFAULT_LR``, which the comparison study keeps (``agents.study``): its runs compare initialisations under one
+recipe without a search each, and its run keys stay those of earlier studies. The paper's recipe stays available by
+name (``RECIPES["paper"]``, ``scripts/finetune.py --recipe paper``): ``schedule="constant", lr=1e-3,
+warmup_epochs=7, epochs=10``.
 
 The run folder holds ``config.json``, TensorBoard events and ``metrics.jsonl`` (``train/*`` every
 ``log_every`` steps, ``val/*`` after every epoch, and the final evaluation under ``<split>/*``),
@@ -39,6 +48,7 @@ The final model is the one after the last epoch; no checkpoint is selected on th
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 import warnings
@@ -49,13 +59,23 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from classifiers.checkpoint import open_run, run_rng_state, seed_everything, set_run_rng_state, write_checkpoint
 from classifiers.data import DataSpec, load_dataset, make_loader
-from classifiers.distributed import all_mean, average_buffers, barrier, init_from_env, is_distributed, is_main, rank
+from classifiers.distributed import (
+    all_gather_objects,
+    all_mean,
+    average_buffers,
+    barrier,
+    init_from_env,
+    is_distributed,
+    is_main,
+    rank,
+)
 from classifiers.figures import expected_calibration_error, write_figures
 from classifiers.heated import load_heated, save_heated
 from classifiers.metrics import SCALAR_METRICS, classification_metrics
@@ -63,6 +83,7 @@ from classifiers.models import ARCHITECTURES, LinearProbe, build_classifier, rep
 from classifiers.runlog import RunLogger, ScalarWindow, Throughput, hparams_table, write_json
 from classifiers.train import (
     DevicePolicy,
+    NonFiniteError,
     Normalizer,
     check_precision,
     predict,
@@ -73,10 +94,27 @@ from classifiers.train import (
 
 SCRATCH = "scratch"
 SCHEDULES = ("cosine", "constant")
+AUTO = "auto"
+"""``lr="auto"``, the default: the peak rate is chosen from the data by :meth:`Finetuner.search_rate`."""
 DEFAULT_LR = {"scratch": 0.1, "heated": 0.1, "linear_probe": 0.1}
-"""The peak rate ``lr=None`` resolves to, by start (see the module's recipe; benchmarks/RESULTS.md has the sweep)."""
+"""The fixed peak rate ``lr=None`` resolves to, by start (the comparison study's; benchmarks/RESULTS.md has the
+sweep)."""
+AUTO_CANDIDATES = (0.02, 0.05, 0.1, 0.2)
+"""The peak rates ``lr="auto"`` tries, lowest first: a factor of 10 around ``DEFAULT_LR``."""
+AUTO_SHARE = 0.1
+"""Each candidate trains for this share of the run's steps, within ``[AUTO_MIN_STEPS, AUTO_MAX_STEPS]`` and never more
+than the run (:func:`search_steps`)."""
+AUTO_MIN_STEPS = 80
+"""A candidate's fewest steps: shorter trials ranked the rates little better than chance (benchmarks/RESULTS.md)."""
+AUTO_MAX_STEPS = 500
+"""A candidate's most steps, so that a long run on a large dataset searches at a bounded cost."""
 PAPER_LR = 1e-3
 """The reference code's fine-tuning rate, with ``schedule="constant"`` and 7 warm-up epochs of 10."""
+RECIPES = {
+    "default": {"lr": AUTO, "schedule": "cosine", "warmup_epochs": 1.0, "epochs": 10},
+    "paper": {"lr": PAPER_LR, "schedule": "constant", "warmup_epochs": 7.0, "epochs": 10},
+}
+"""The fine-tuning recipes by name (``scripts/finetune.py --recipe``); ``default`` is :class:`FinetuneConfig`'s."""
 WARMUP_START = 0.01
 """The warm-up's first learning rate, as a fraction of ``lr`` (torchvision's ``lr_warmup_decay``)."""
 RESUME_FREE = ("device", "workers", "run_dir")
@@ -103,17 +141,19 @@ class FinetuneConfig:
     linear_probe: bool = False
     """Train a fresh classification layer on frozen features (``classifiers.models.LinearProbe``): what the
     representation holds, unchanged by fine-tuning (implies ``new_head``)."""
-    epochs: int = 10
+    epochs: int = RECIPES["default"]["epochs"]
     """Passes over the (few-shot) training set (the paper: 10)."""
-    lr: float | None = None
-    """Peak learning rate (None: ``DEFAULT_LR`` of the start, see ``resolved``; the paper: 1e-3)."""
+    lr: float | str | None = RECIPES["default"]["lr"]
+    """Peak learning rate; ``auto``: chosen from the data by a short sweep judged on the validation split
+    (:meth:`Finetuner.search_rate`; config.json records the choice and its evidence); None: the start's fixed
+    ``DEFAULT_LR`` (see ``resolved``); the paper: 1e-3."""
     momentum: float = 0.9
     """SGD momentum."""
     weight_decay: float = 1e-4
     """SGD weight decay."""
-    warmup_epochs: float = 1.0
+    warmup_epochs: float = RECIPES["default"]["warmup_epochs"]
     """Epochs of per-step linear warm-up from ``WARMUP_START * lr`` to ``lr`` (the paper: 7 of 10)."""
-    schedule: str = "cosine"
+    schedule: str = RECIPES["default"]["schedule"]
     """After the warm-up: ``cosine`` (half cosine towards 0) or ``constant`` (the paper's)."""
     batch_size: int = 32
     """Images per step (per process); lowered to the training set's size when that is smaller."""
@@ -146,8 +186,13 @@ class FinetuneConfig:
         """What training starts from, as ``DEFAULT_LR`` names it: linear_probe, scratch or heated."""
         return "linear_probe" if self.linear_probe else SCRATCH if self.scratch else "heated"
 
+    @property
+    def auto_lr(self) -> bool:
+        return self.lr == AUTO
+
     def resolved(self) -> FinetuneConfig:
-        """This config with ``lr=None`` replaced by the start's default rate (what config.json records)."""
+        """This config with ``lr=None`` replaced by the start's fixed default rate. ``auto`` stays: the run resolves
+        it (config.json records the rate chosen)."""
         return self if self.lr is not None else replace(self, lr=DEFAULT_LR[self.start])
 
     def validate(self) -> None:
@@ -163,9 +208,10 @@ class FinetuneConfig:
             raise ValueError(f"image size {self.image_size} is too small; use 8 or more")
         if self.epochs < 1:
             raise ValueError(f"epochs {self.epochs} must be at least 1")
-        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"learning rate {self.lr} must be a positive number (or left unset for the default "
-                             f"of the start, {DEFAULT_LR['heated']}; the paper fine-tunes with {PAPER_LR})")
+        if not (self.lr is None or self.lr == AUTO or (isinstance(self.lr, (int, float)) and not isinstance(
+                self.lr, bool) and self.lr > 0 and math.isfinite(self.lr))):
+            raise ValueError(f"learning rate {self.lr!r} must be a positive number or {AUTO!r} (chosen from the "
+                             f"data, the default); the paper fine-tunes with {PAPER_LR}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum {self.momentum} must lie in [0, 1)")
         if self.weight_decay < 0:
@@ -203,6 +249,21 @@ def lr_at(step: int, lr: float, warmup_steps: int, total_steps: int, schedule: s
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
     return lr
+
+
+def search_steps(total_steps: int) -> int:
+    """The steps each candidate of ``lr="auto"`` trains in a run of ``total_steps``: ``AUTO_SHARE`` of them, within
+    ``[AUTO_MIN_STEPS, AUTO_MAX_STEPS]`` and at most the run's own."""
+    return min(total_steps, max(AUTO_MIN_STEPS, min(AUTO_MAX_STEPS, math.ceil(AUTO_SHARE * total_steps))))
+
+
+def _agreed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-image cross-entropy, non-finite on every process when it is on any: under torch.distributed a candidate
+    rate that diverges then stops on all processes at the same step instead of leaving the others waiting."""
+    per_image = F.cross_entropy(logits, labels, reduction="none")
+    if is_distributed() and all_mean(torch.isfinite(per_image).all().float()).item() < 1:
+        return per_image + float("nan")
+    return per_image
 
 
 def initial_model(cfg: FinetuneConfig) -> tuple[nn.Module | None, dict[str, Any]]:
@@ -254,6 +315,9 @@ class Finetuner:
         saved = FinetuneConfig.from_dict(state["config"]) if state is not None else None
         if saved is not None and cfg.precision == "auto":
             cfg = replace(cfg, precision=saved.precision)  # a resumed run keeps its arithmetic, on any machine
+        self.lr_search: dict[str, Any] | None = state.get("lr_search") if state is not None else None
+        if saved is not None and cfg.auto_lr and self.lr_search is not None:
+            cfg = replace(cfg, lr=saved.lr)  # the rate its search chose: a resumed run does not search again
         self.dev = DevicePolicy(resolve_device(cfg.device), cfg.precision)
         self.dev.require_same_on_all_ranks()
         cfg = replace(cfg, precision=self.dev.precision)  # resolved: config.json and the checkpoints say what ran
@@ -281,13 +345,16 @@ class Finetuner:
         self.loader = make_loader(self.data, "train", self.batch_size, train=True, seed=cfg.seed, workers=cfg.workers,
                                   pin_memory=self.dev.cuda, rank=rank(), num_replicas=world)
         self.val_loader = make_loader(self.data, "val", cfg.eval_batch_size, train=False)
-        self.eval_split = self.data.eval_split
-        self.eval_loader = (self.val_loader if self.eval_split == "val"
-                            else make_loader(self.data, self.eval_split, cfg.eval_batch_size, train=False))
         self.steps_per_epoch = len(self.loader)
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.warmup_steps = min(self.total_steps, round(cfg.warmup_epochs * self.steps_per_epoch))
         self.normalizer = Normalizer()
+        if cfg.auto_lr:
+            self.lr_search = self.search_rate()
+            cfg = self.cfg = replace(cfg, lr=self.lr_search["chosen"])
+        self.eval_split = self.data.eval_split
+        self.eval_loader = (self.val_loader if self.eval_split == "val"
+                            else make_loader(self.data, self.eval_split, cfg.eval_batch_size, train=False))
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
         self.global_step, self.epoch, self.step_in_epoch = 0, 0, 0
@@ -303,14 +370,90 @@ class Finetuner:
             seed_everything(cfg.seed)
             self.logger = RunLogger(self.run_dir, self.main)
             if self.main:
-                write_json(self.run_dir / "config.json", asdict(cfg))
+                searched = {"lr_search": self.lr_search} if self.lr_search is not None else {}
+                write_json(self.run_dir / "config.json", asdict(cfg) | searched)
                 self.logger.text("hyperparameters", hparams_table(
                     asdict(cfg) | {"head": self.head, "arch": self.arch, "train_images": n_train,
                                    "effective_batch_size": self.batch_size * world,
-                                   "resolved_device": str(self.dev.device)}))
+                                   "resolved_device": str(self.dev.device)}
+                    | ({"lr_search": self.lr_search["why"]} if self.lr_search is not None else {})))
         self.window = ScalarWindow()
         self.throughput = Throughput()
         self.pbar: tqdm | None = None
+
+    def search_rate(self, candidates: tuple[float, ...] | None = None, steps: int | None = None) -> dict[str, Any]:
+        """Choose the peak learning rate from the data (``lr="auto"``); return the record config.json keeps.
+
+        Every rate of ``candidates`` (default: ``AUTO_CANDIDATES``) trains the starting model for the same ``steps``
+        (default: :func:`search_steps` of the run) on the training split, in the run's own order and augmentation,
+        under the run's schedule compressed to those steps (the same warm-up share, then the cosine decay to 0 or
+        the constant rate). Each is then scored on the validation split; the highest accuracy wins, ties going to
+        the lower validation loss. A rate whose training loss turns non-finite is out. The test split is never read.
+        Afterwards the model (BatchNorm statistics included) and the loaders' generators are as they were, so the
+        run that follows trains exactly as one given the chosen rate does.
+
+        The record: ``chosen``, ``why`` (one line, also printed), ``rule``, ``split``, ``steps_per_candidate``,
+        ``run_steps``, ``candidates`` (``lr``, ``val_accuracy``, ``val_loss``, ``diverged`` each) and ``seconds``.
+        """
+        started = time.perf_counter()
+        candidates = candidates or AUTO_CANDIDATES
+        steps = steps or search_steps(self.total_steps)
+        warmup = round(steps * self.warmup_steps / self.total_steps)
+        start = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        generators = [loader.generator.get_state() for loader in (self.loader, self.val_loader)]
+        scores = []
+        bar = tqdm(total=len(candidates) * steps, disable=not self.main, desc="lr auto", unit="step",
+                   dynamic_ncols=True)
+        for lr in candidates:
+            self.model.load_state_dict(start)
+            optimizer = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=self.cfg.momentum,
+                                        weight_decay=self.cfg.weight_decay)
+            diverged = False
+            for step, (images, labels) in enumerate(itertools.islice(self._epochs(), steps)):
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step, lr, warmup, steps, self.cfg.schedule)
+                images, labels = self.dev.batch(images, labels)
+                try:
+                    supervised_step(self.net, optimizer, self.normalizer(images), labels, self.dev, step=step + 1,
+                                    criterion=_agreed_cross_entropy)
+                except NonFiniteError:
+                    diverged = True
+                    bar.update(steps - step)
+                    break
+                bar.update(1)
+            average_buffers(self.model)
+            score = {"lr": lr, "val_accuracy": None, "val_loss": None, "diverged": diverged}
+            if self.main and not diverged:
+                probs, truth, loss = predict(self.model, self.val_loader, self.dev, self.normalizer)
+                score |= {"val_accuracy": float((probs.argmax(1) == truth).mean()), "val_loss": loss,
+                          "diverged": not math.isfinite(loss)}
+            scores.append(score)
+        bar.close()
+        self.model.load_state_dict(start)
+        for loader, state in zip((self.loader, self.val_loader), generators):
+            loader.generator.set_state(state)
+        scores = all_gather_objects(scores)[0]  # the main process's scores decide, on every process
+        usable = [s for s in scores if not s["diverged"]]
+        if not usable:
+            raise ValueError(f"every candidate rate of lr auto ({', '.join(map(str, candidates))}) diverged on "
+                             f"{self.data.name}; give a lower rate with --lr")
+        best = max(usable, key=lambda s: (s["val_accuracy"], -s["val_loss"]))
+        tried = ", ".join(f"{s['lr']:g}: " + ("diverged" if s["diverged"] else f"{s['val_accuracy']:.3f}")
+                          for s in scores)
+        seconds = all_gather_objects(time.perf_counter() - started)[0]
+        why = (f"lr auto chose {best['lr']:g}: the highest validation accuracy after {steps} steps per candidate "
+               f"({tried}; {seconds:.1f} s)")
+        if self.main:
+            tqdm.write(why)
+        return {"chosen": best["lr"], "why": why, "split": "val", "steps_per_candidate": steps,
+                "run_steps": self.total_steps, "rule": "highest validation accuracy after a compressed run per "
+                "candidate; ties: lower validation loss", "candidates": scores, "seconds": seconds}
+
+    def _epochs(self):
+        """The training loader's batches, epoch after epoch, from the run's first epoch on."""
+        for epoch in itertools.count():
+            self.loader.sampler.set_epoch(epoch)
+            yield from self.loader
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         """One SGD step on a clean batch at the scheduled learning rate; log, checkpoint."""
@@ -365,6 +508,7 @@ class Finetuner:
             "step_in_epoch": self.step_in_epoch,
             "rng": run_rng_state(),
             "config": asdict(self.cfg),
+            "lr_search": self.lr_search,
             "metrics_offset": self.logger.offset(),
         }
         if self.main:

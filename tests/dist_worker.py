@@ -10,6 +10,7 @@ import torch
 
 from agents.reinforce import Reinforce
 from agents.runner import PretrainConfig, PretrainRunner
+from classifiers import finetune as finetune_module
 from classifiers.data import DataSpec, ImageSource
 from classifiers.distributed import init_from_env, rank, shutdown
 from classifiers.finetune import FinetuneConfig, Finetuner
@@ -70,6 +71,19 @@ def finetune(out: Path, run_dir: str) -> None:
     torch.save({"model": tuner.model.state_dict()}, out / f"rank{rank()}.pt")
 
 
+def finetune_auto(out: Path, run_dir: str) -> None:
+    """A fine-tuning run whose rate is chosen (lr auto) among one that trains and one that diverges; every rank saves
+    the record of the choice and its model weights."""
+    finetune_module.AUTO_CANDIDATES = (0.05, 1e9)
+    data = "synthrad:unseen?n_train=96&n_val=24&n_test=24"
+    cfg = FinetuneConfig(init="scratch", classifier="smallcnn", dataset=data, image_size=16, epochs=1, lr="auto",
+                         batch_size=8, device="cpu", run_dir=run_dir)
+    tuner = Finetuner(cfg)
+    tuner.run()
+    torch.save({"model": tuner.model.state_dict(), "chosen": tuner.cfg.lr,
+                "diverged": [c["diverged"] for c in tuner.lr_search["candidates"]]}, out / f"rank{rank()}.pt")
+
+
 def equivalence(out: Path, global_batch: int) -> None:
     """Three REINFORCE updates on fixed masks and rewards for one global batch, split over the ranks."""
     rk, world = init_from_env("cpu")
@@ -101,6 +115,8 @@ if __name__ == "__main__":
             pretrain(out, sys.argv[3])
         elif mode == "finetune":
             finetune(out, sys.argv[3])
+        elif mode == "finetune_auto":
+            finetune_auto(out, sys.argv[3])
         elif mode == "random_streams":
             random_streams(out, sys.argv[3])
         elif mode == "resumed_draws":

@@ -127,7 +127,7 @@ def test_finetune_heated_on_unseen_with_few_shot_cap(tmp_path: Path, heated: Pat
     model, info = load_heated(run_dir / "model.pt")
     assert info["num_classes"] == 6 and info["in_channels"] == 1 and info["arch"] == "smallcnn"
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    lr = DEFAULT_LR["heated"]  # the cosine decay starts after the warm-up step
+    lr = json.loads((run_dir / "config.json").read_text())["lr"]  # chosen (lr auto); the decay starts after warm-up
     assert [r["train/lr"] for r in rows if "train/lr" in r] == pytest.approx([lr * WARMUP_START, lr])
     assert {f"val/{k}" for k in METRIC_NAMES} <= set(rows[-2]) and {f"test/{k}" for k in METRIC_NAMES} <= set(rows[-1])
 
@@ -170,7 +170,8 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 def test_interrupted_run_resumes_exactly(tmp_path: Path, heated: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # 12 steps per epoch, 2 epochs; checkpoints at steps 5, 10, 12 (epoch end), 15, 20, 24 (epoch end).
-    options = dict(init=str(heated), epochs=2, log_every=2, ckpt_every=5, warmup_epochs=0.5, schedule="cosine")
+    options = dict(init=str(heated), epochs=2, log_every=2, ckpt_every=5, warmup_epochs=0.5, schedule="cosine",
+                   lr=None)
     whole = finetune(tiny(tmp_path, run_dir=str(tmp_path / "whole"), **options))
 
     cfg = tiny(tmp_path, run_dir=str(tmp_path / "cut"), **options)
@@ -188,7 +189,7 @@ def test_interrupted_run_resumes_exactly(tmp_path: Path, heated: Path, monkeypat
     with pytest.raises(ValueError, match="already holds a run; pass --resume"):
         finetune(cfg)
     with pytest.raises(ValueError, match=r"lr=0.1 \(now 0.01\)"):  # the default, resolved and recorded
-        finetune(tiny(tmp_path, run_dir=str(tmp_path / "cut"), **options, lr=0.01), resume=True)
+        finetune(tiny(tmp_path, run_dir=str(tmp_path / "cut"), **(options | {"lr": 0.01})), resume=True)
     cut = finetune(cfg, resume=True)
 
     a, b = _weights(whole), _weights(cut)
@@ -234,22 +235,25 @@ def test_linear_probe_trains_the_head_alone_and_saves_a_plain_classifier(tmp_pat
 # The default recipe.
 
 def test_the_rate_defaults_by_start_and_runs_record_it(tmp_path: Path) -> None:
-    """lr None resolves to the start's rate (scratch, heated, linear probe); a given rate stays; config.json records the
-    resolved one; a run saved before ``schedule`` existed ran at a constant rate and reads so."""
-    assert tiny(tmp_path).resolved().lr == DEFAULT_LR["scratch"]
-    assert tiny(tmp_path, init="x/heated.pt").resolved().lr == DEFAULT_LR["heated"]
-    assert tiny(tmp_path, init="x/heated.pt", linear_probe=True).resolved().lr == DEFAULT_LR["linear_probe"]
+    """lr None resolves to the start's fixed rate (scratch, heated, linear probe); a given rate stays, and so does the
+    default, auto (tests/test_finetune_lr.py); config.json records the resolved one; a run saved before ``schedule``
+    existed ran at a constant rate and reads so."""
+    assert tiny(tmp_path, lr=None).resolved().lr == DEFAULT_LR["scratch"]
+    assert tiny(tmp_path, init="x/heated.pt", lr=None).resolved().lr == DEFAULT_LR["heated"]
+    assert tiny(tmp_path, init="x/heated.pt", linear_probe=True, lr=None).resolved().lr == DEFAULT_LR["linear_probe"]
     assert tiny(tmp_path, lr=0.003).resolved().lr == 0.003
+    assert tiny(tmp_path).resolved().lr == "auto"
     assert tiny(tmp_path).schedule == "cosine"
     old = {k: v for k, v in asdict(tiny(tmp_path, lr=1e-3)).items() if k != "schedule"}
     assert FinetuneConfig.from_dict(old).schedule == "constant"
-    run_dir = finetune(tiny(tmp_path, dataset="synthrad:unseen?n_train=24&n_val=12&n_test=12", image_size=16))
+    run_dir = finetune(tiny(tmp_path, dataset="synthrad:unseen?n_train=24&n_val=12&n_test=12", image_size=16,
+                            lr=None))
     assert json.loads((run_dir / "config.json").read_text())["lr"] == DEFAULT_LR["scratch"]
 
 
 STABLE = dict(dataset="synthrad:unseen?n_train=600&n_val=300&n_test=12", image_size=24, channels=1, epochs=5,
-              batch_size=32, seed=1, log_every=1000, ckpt_every=10_000, precision="fp32")
-"""A short scratch run at the default rate (0.1); at a constant rate, its last epoch lands 0.077 below its best on the
+              batch_size=32, seed=1, log_every=1000, ckpt_every=10_000, precision="fp32", lr=DEFAULT_LR["scratch"])
+"""A scratch run at the fixed default rate (0.1); at a constant rate, its last epoch lands 0.077 below its best on the
 CPU of earlier sessions, 0.050 on an AMD EPYC with AVX-512 (family 25, model 17), 0.073 on an Intel Xeon with AMX. In
 fp32 on every CPU: under ``auto`` the AMX Xeon trains in bf16, where the constant-rate run lands only 0.037 below (the
 default recipe: 0.0 in both)."""
