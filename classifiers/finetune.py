@@ -409,7 +409,7 @@ class Finetuner:
             optimizer = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=self.cfg.momentum,
                                         weight_decay=self.cfg.weight_decay)
             diverged = False
-            for step, (images, labels) in enumerate(itertools.islice(self._epochs(), steps)):
+            for step, (images, labels) in enumerate(itertools.islice(self.training_batches(), steps)):
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step, lr, warmup, steps, self.cfg.schedule)
                 images, labels = self.dev.batch(images, labels)
@@ -449,8 +449,9 @@ class Finetuner:
                 "run_steps": self.total_steps, "rule": "highest validation accuracy after a compressed run per "
                 "candidate; ties: lower validation loss", "candidates": scores, "seconds": seconds}
 
-    def _epochs(self):
-        """The training loader's batches, epoch after epoch, from the run's first epoch on."""
+    def training_batches(self):
+        """The training loader's batches, epoch after epoch, from the run's first epoch on (what the search trains
+        on)."""
         for epoch in itertools.count():
             self.loader.sampler.set_epoch(epoch)
             yield from self.loader
