@@ -604,8 +604,9 @@ def summary_markdown(rows: list[dict[str, Any]], heated: list[dict[str, Any]], c
     tested = sum(not math.isnan(p) for p in p_values)
     lines = ["## Summary", "",
              f"Mean over seeds; in brackets the paired difference to `{BASELINE}` (same seed) with its 95% t-interval. "
-             "Heated: the pretrained model itself before fine-tuning, on the pretraining task's test split (gap) and "
-             "its modality-shifted split (accuracy), on clean inputs and on inputs perturbed as in its training. "
+             "Heated: the pretrained model itself before fine-tuning, on the pretraining task's test split (gaps, "
+             "worst group) and its shifted split (accuracy; the shortcut's cue independent of the class), on clean "
+             "inputs and on inputs perturbed as in its training. "
              "The other columns: accuracy after fine-tuning (or a linear probe) on each target."
              + (f" `*`: the difference stands at a false-discovery rate of 5% over the table's {tested} paired t-tests "
                 "(Benjamini-Hochberg); an interval that excludes 0 without a `*` is p < 0.05 for its cell alone: "
@@ -728,8 +729,9 @@ def heated_markdown(rows: list[dict[str, Any]], cfg: StudyConfig) -> str:
                   "|---|---|" + "---|" * len(peaks)]
         for m in learned:
             cells = [f"{_mean_std(list(_by(rows, m, None, k).values()))} "
-                     f"({np.mean(list(_by(rows, m, None, k + '_step').values()) or [np.nan]):.0f})" for k in peaks]
-            lines.append(f"| {m} | {len(_by(rows, m, None, peaks[0]))} | " + " | ".join(cells) + " |")
+                     f"({np.mean(list(_by(rows, m, None, k + '_step').values())):.0f})"
+                     if _by(rows, m, None, k) else "-" for k in peaks]
+            lines.append(f"| {m} | {max(len(_by(rows, m, None, k)) for k in peaks)} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
