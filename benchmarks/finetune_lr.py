@@ -101,7 +101,7 @@ def table(a: argparse.Namespace) -> None:
     print("| target | start | " + " | ".join(f"lr {r}" for r in fixed) + " | fixed default | best fixed | auto "
           "(chosen per seed) | auto - default | auto - best |")
     print("|" + "-|" * (len(fixed) + 7))
-    costs, diffs = [], []
+    costs, diffs, same = [], [], []
     for target in a.targets:
         for start in a.starts:
             acc, chosen = {}, []
@@ -115,6 +115,9 @@ def table(a: argparse.Namespace) -> None:
                     if rate == AUTO:
                         search = json.loads((d / "config.json").read_text())["lr_search"]
                         chosen.append(search["chosen"])
+                        twin = folder(a, target, start, seed, str(search["chosen"])) / "metrics.json"
+                        if twin.is_file():
+                            same.append(json.loads(twin.read_text()) == json.loads((d / "metrics.json").read_text()))
                         base = folder(a, target, start, seed, str(DEFAULT_LR[start if start == "scratch"
                                                                              else "heated"]))
                         if (d / "timing.json").is_file() and (base / "timing.json").is_file():
@@ -140,6 +143,9 @@ def table(a: argparse.Namespace) -> None:
         auto_default, auto_best, best_default = (mean(list(d)) for d in zip(*diffs))
         print(f"\nmean over the {len(diffs)} rows: auto - fixed default {auto_default:+.4f}, auto - best fixed "
               f"{auto_best:+.4f}, best fixed - fixed default {best_default:+.4f}")
+    if same:
+        print(f"\n{sum(same)} of {len(same)} auto runs end with the metrics.json of the fixed-rate run at the rate "
+              "they chose (the search leaves no trace)")
     if costs:
         search_s = [s["seconds"] for s, _, _ in costs]
         share = [len(s["candidates"]) * s["steps_per_candidate"] / s["run_steps"] for s, _, _ in costs]

@@ -17,7 +17,8 @@ Each pick is scored by the full runs at the picked rate (their last epoch): ``va
 validation accuracy minus the picked one's, ``val-best`` how often the pick is the full runs' best on validation,
 and ``test vs fixed`` the picked run's test accuracy minus the fixed default's (``DEFAULT_LR``). ``full runs`` picks
 the best of the full runs on validation (the search at the whole run's length: as many full runs as candidates).
-Trials and range tests are cached in ``--out`` (``search_trials.jsonl``, ``range_tests.jsonl``).
+Trials (per budget) and range tests are cached in ``--out`` (``search_trials.jsonl``, ``range_tests.jsonl``; remove
+the latter after changing ``--range-steps``).
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
     p.add_argument("--starts", nargs="+", default=["scratch", "heated"], choices=["scratch", "heated"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--budgets", type=int, nargs="+", default=[20, 40, 80], help="steps per candidate")
-    p.add_argument("--range-steps", type=int, default=100)
+    p.add_argument("--budgets", type=int, nargs="*", default=[20, 40, 80], help="steps per candidate (none: no "
+                   "trials)")
+    p.add_argument("--range-steps", type=int, default=100, help="steps of the range test (0: none)")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--image-size", type=int, default=32)
     return p.parse_args(argv)
@@ -159,14 +161,14 @@ def main(argv: list[str] | None = None) -> int:
             picks.setdefault(f"search, {b} steps per candidate", []).append(
                 (str(trials[key]["search"]["chosen"]), full, fixed))
         key = json.dumps([target, start, seed])
-        if key not in ranges:
+        if a.range_steps and key not in ranges:
             t = tuner(a, target, start, seed, scratch_dir / "run")
             rates, losses = range_test(t, a.range_steps)
             t.logger.close()
             ranges[key] = {"key": [target, start, seed], "rates": rates, "losses": losses}
             with ranges_path.open("a") as f:
                 f.write(json.dumps(ranges[key]) + "\n")
-        for name, rate in suggestions(ranges[key]["rates"], ranges[key]["losses"]).items():
+        for name, rate in (suggestions(ranges[key]["rates"], ranges[key]["losses"]) if a.range_steps else {}).items():
             picks.setdefault(f"range test, {name}", []).append((nearest(rate, grid), full, fixed))
         picks.setdefault("full runs, best on validation", []).append((max(grid, key=lambda r: full[r][0]), full,
                                                                       fixed))
